@@ -1,0 +1,73 @@
+"""The ``wsiuda`` command group.
+
+Subcommands are imported only when invoked, so ``wsiuda --help`` stays fast and a heavy import (torch, dask)
+is paid only by the command that needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from typing import Any
+
+import click
+
+from wsiuda import __version__
+from wsiuda.errors import WsiudaError
+
+# command name -> (module under wsiuda.cli, one-line help shown by `wsiuda --help`)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tile": ("tile", "Extract tissue tiles at a target mpp from slides into zarr stores."),
+    "adapt": ("adapt", "Train a segmenter on labelled source patches, adapting to unlabelled target slides."),
+    "train": ("train", "Train a segmenter supervised only (adapt --method source-only)."),
+    "segment": ("segment", "Segment nuclei in slides and write GeoJSON that QuPath imports."),
+    "evaluate": ("evaluate", "Score a model on a labelled images/ + masks/ folder."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module = importlib.import_module(f"wsiuda.cli.{COMMANDS[cmd_name][0]}")
+        command: click.Command = module.command
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, help_text) for name, (_, help_text) in COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except WsiudaError as error:
+            # A user's mistake: one line, no traceback.
+            click.echo(f"Error: {error}", err=True)
+            sys.exit(2)
+
+
+def configure_logging(verbosity: int) -> None:
+    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("wsiuda")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="wsiuda")
+@click.option("-v", "--verbose", count=True, help="More log output (-v: debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+def cli(verbose: int, quiet: bool) -> None:
+    """Segment cell nuclei in H&E whole-slide images, and adapt the segmenter to new slides without labels."""
+    configure_logging(-1 if quiet else verbose)
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,62 @@
+"""Option factories shared by several commands, so each option reads and behaves the same everywhere."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+F = Callable[..., Any]
+
+
+def mpp_option(default: float = 0.25) -> Callable[[F], F]:
+    return click.option(
+        "--mpp",
+        type=click.FloatRange(min=0, min_open=True),
+        default=default,
+        show_default=True,
+        help="Working resolution in µm/px (0.25 is 40x).",
+    )
+
+
+def slide_mpp_option() -> Callable[[F], F]:
+    return click.option(
+        "--slide-mpp",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="Level-0 resolution in µm/px, for slides whose metadata lack it.",
+    )
+
+
+def backend_option() -> Callable[[F], F]:
+    return click.option(
+        "--backend",
+        type=click.Choice(["openslide", "tiffslide"]),
+        default="openslide",
+        show_default=True,
+        help="Slide reader for pyramidal files (plain images are read directly).",
+    )
+
+
+def device_option() -> Callable[[F], F]:
+    return click.option(
+        "--device",
+        type=click.Choice(["auto", "cpu", "cuda"]),
+        default="auto",
+        show_default=True,
+        help="Where the network runs; auto takes a GPU when one is present.",
+    )
+
+
+def overwrite_option() -> Callable[[F], F]:
+    return click.option("--overwrite", is_flag=True, help="Redo finished work instead of resuming it.")
+
+
+def workers_option() -> Callable[[F], F]:
+    return click.option(
+        "--workers",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Parallel workers (default: the machine's cores).",
+    )

@@ -1,0 +1,1 @@
+"""Dask pipelines composing library steps (installed as ``wsiuda.pipelines``)."""

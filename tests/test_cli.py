@@ -1,0 +1,50 @@
+"""The installed console script and the command group."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from wsiuda import __version__
+from wsiuda.cli.main import COMMANDS, cli
+
+
+def test_console_script_is_installed_and_reports_version() -> None:
+    script = Path(sys.executable).parent / "wsiuda"
+    assert script.exists() or shutil.which("wsiuda"), "the wsiuda console script is not installed"
+    result = subprocess.run(
+        [str(script) if script.exists() else "wsiuda", "--version"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert __version__ in result.stdout
+
+
+def test_no_top_level_cli_or_pipelines_package_is_installed() -> None:
+    import importlib.util
+
+    import wsiuda.cli
+    import wsiuda.pipelines
+
+    assert wsiuda.cli.__name__ == "wsiuda.cli"
+    assert wsiuda.pipelines.__name__ == "wsiuda.pipelines"
+    for name in ("cli", "pipelines"):
+        spec = importlib.util.find_spec(name)
+        assert spec is None or "site-packages" not in str(spec.origin), f"top-level {name} installed"
+
+
+def test_help_lists_every_command() -> None:
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for name in COMMANDS:
+        assert name in result.output
+
+
+def test_every_command_module_loads_and_has_help() -> None:
+    for name in COMMANDS:
+        result = CliRunner().invoke(cli, [name, "--help"])
+        assert result.exit_code == 0, f"{name}: {result.output}"
+        assert "Usage" in result.output
