@@ -60,3 +60,33 @@ def workers_option() -> Callable[[F], F]:
         default=None,
         help="Parallel workers (default: the machine's cores).",
     )
+
+
+def tile_option(default: int = 512) -> Callable[[F], F]:
+    return click.option(
+        "--tile",
+        type=click.IntRange(min=16),
+        default=default,
+        show_default=True,
+        help="Tile size in working-grid pixels (at --mpp), without the halo.",
+    )
+
+
+def halo_option(default: int = 32) -> Callable[[F], F]:
+    return click.option(
+        "--halo",
+        type=click.IntRange(min=0),
+        default=default,
+        show_default=True,
+        help="Overlap in pixels added on every side of each tile.",
+    )
+
+
+def min_tissue_option(default: float = 0.1) -> Callable[[F], F]:
+    return click.option(
+        "--min-tissue",
+        type=click.FloatRange(0, 1),
+        default=default,
+        show_default=True,
+        help="Skip tiles whose tissue fraction is below this (0 keeps every tile).",
+    )

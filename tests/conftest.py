@@ -28,3 +28,25 @@ def shared_file(shared: Path, relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent from the shared folder")
     return path
+
+
+# Synthetic slides (tests/synthetic.py: tests/ is on sys.path under pytest's default import mode).
+@pytest.fixture(scope="session")
+def synthetic_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 40x (0.25 µm/px) Aperio-style SVS: 2048 x 2560 px, JPEG tiles of 256, 3 levels (1, 4, 16),
+    H&E-like tissue in a central ellipse on white glass."""
+    from synthetic import synthetic_he, write_pyramidal_tiff
+
+    path = tmp_path_factory.mktemp("slides") / "synthetic-40x.svs"
+    image = synthetic_he((2048, 2560), seed=7, tissue=0.5)
+    return write_pyramidal_tiff(path, image, mpp=0.25, app_mag=40)
+
+
+@pytest.fixture(scope="session")
+def synthetic_slide_20x(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 20x (0.5 µm/px) Aperio-style SVS, 1024 x 1280 px, 2 levels: worked at 0.25 it is upsampled 2x."""
+    from synthetic import synthetic_he, write_pyramidal_tiff
+
+    path = tmp_path_factory.mktemp("slides") / "synthetic-20x.svs"
+    image = synthetic_he((1024, 1280), seed=11, tissue=0.6)
+    return write_pyramidal_tiff(path, image, mpp=0.5, app_mag=20, levels=2)

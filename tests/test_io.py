@@ -1,0 +1,207 @@
+"""Slide readers: both backends, plain images, and a one-line error for every kind of bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsiuda.errors import SlideError
+from wsiuda.geometry import Region
+from wsiuda.io import open_slide
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_synthetic_slide_metadata_through_both_backends(synthetic_slide: Path) -> None:
+    for backend in ("openslide", "tiffslide"):
+        with open_slide(synthetic_slide, backend=backend) as reader:
+            info = reader.info
+            assert info.backend == backend
+            assert info.vendor == "aperio"
+            assert info.mpp == pytest.approx(0.25)
+            assert info.objective_power == 40
+            assert info.level_shapes == ((2048, 2560), (512, 640), (128, 160))
+            assert info.level_downsamples == pytest.approx((1.0, 4.0, 16.0))
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_both_backends_read_identical_pixels(synthetic_slide: Path, level: int) -> None:
+    # Both decode the JPEG tiles with libjpeg-turbo and this pyramid's downsamples are exact integers, so
+    # the pixels agree exactly (OpenSlide would interpolate at fractional level offsets; none here).
+    with open_slide(synthetic_slide) as a, open_slide(synthetic_slide, backend="tiffslide") as b:
+        height, width = a.info.level_shapes[level]
+        region = Region(height // 3, width // 5, height // 2, width // 2)
+        pixels_a = a.read_level(region, level=level)
+        pixels_b = b.read_level(region, level=level)
+    assert pixels_a.shape == (height // 2, width // 2, 3) and pixels_a.dtype == np.uint8
+    np.testing.assert_array_equal(pixels_a, pixels_b)
+
+
+def test_read_region_is_level0_yx_and_white_outside(synthetic_slide: Path) -> None:
+    with open_slide(synthetic_slide) as reader:
+        inside = reader.read_level(Region(100, 200, 50, 60), level=0)
+        # Level-0 coordinates in, (y, x) order: the same pixels through read_region at level 0.
+        np.testing.assert_array_equal(reader.read_region(Region(100, 200, 50, 60)), inside)
+        # At level 1 (downsample 4) a level-0 region of 400 x 200 gives 100 x 50 pixels.
+        assert reader.read_region(Region(0, 0, 400, 200), level=1).shape == (100, 50, 3)
+        corner = reader.read_level(Region(-10, -20, 30, 40), level=0)
+        assert (corner[:10] == 255).all() and (corner[:, :20] == 255).all()
+        outside = reader.read_level(Region(5000, 5000, 8, 8), level=0)
+        assert (outside == 255).all()
+
+
+def test_slide_mpp_overrides_metadata(synthetic_slide: Path) -> None:
+    with open_slide(synthetic_slide, slide_mpp=0.2) as reader:
+        assert reader.info.mpp == 0.2
+
+
+def test_plain_png_is_a_one_level_slide_and_alpha_is_dropped(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, size=(40, 50, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    path = tmp_path / "patch.png"
+    Image.fromarray(rgba, mode="RGBA").save(path)
+    with open_slide(path, slide_mpp=0.25) as reader:
+        assert reader.info.backend == "plain"
+        assert reader.info.level_shapes == ((40, 50),)
+        assert reader.info.mpp == 0.25
+        np.testing.assert_array_equal(reader.read_level(Region(0, 0, 40, 50), level=0), rgba[..., :3])
+
+
+def test_non_pyramidal_tiff_is_read_as_plain_image(tmp_path: Path) -> None:
+    import tifffile
+
+    image = np.random.default_rng(1).integers(0, 256, size=(30, 20, 3), dtype=np.uint8)
+    path = tmp_path / "strip.tif"
+    tifffile.imwrite(path, image, photometric="rgb")
+    with open_slide(path) as reader:
+        assert reader.info.backend == "plain"
+        assert reader.info.mpp is None
+        np.testing.assert_array_equal(reader.read_level(Region(0, 0, 30, 20), level=0), image)
+
+
+def test_plain_tiff_resolution_gives_mpp_only_when_plausible(tmp_path: Path) -> None:
+    import tifffile
+
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    microscope, screen = tmp_path / "microscope.tif", tmp_path / "screen.tif"
+    tifffile.imwrite(
+        microscope, image, photometric="rgb", resolution=(40000, 40000), resolutionunit="CENTIMETER"
+    )
+    tifffile.imwrite(screen, image, photometric="rgb", resolution=(72, 72), resolutionunit="INCH")
+    assert open_slide(microscope).info.mpp == pytest.approx(0.25)
+    assert open_slide(screen).info.mpp is None
+
+
+def _one_line_error(path: Path, **kwargs: object) -> str:
+    with pytest.raises(SlideError) as caught:
+        open_slide(path, **kwargs)  # type: ignore[arg-type]
+    message = str(caught.value)
+    assert "\n" not in message
+    assert str(path) in message
+    return message
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_missing_file(tmp_path: Path, backend: str) -> None:
+    assert "no such file" in _one_line_error(tmp_path / "absent.svs", backend=backend)
+
+
+def test_folder_and_empty_file(tmp_path: Path) -> None:
+    assert "folder" in _one_line_error(tmp_path)
+    empty = tmp_path / "empty.svs"
+    empty.touch()
+    assert "empty" in _one_line_error(empty)
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_text_file_named_svs_is_not_a_slide(backend: str) -> None:
+    message = _one_line_error(DATA / "not-a-slide.svs", backend=backend)
+    assert "slide" in message
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_truncated_slide_is_refused_before_reading(backend: str) -> None:
+    # tests/data/truncated.svs: the first 6000 bytes of a 2-level synthetic SVS.
+    assert "truncated" in _one_line_error(DATA / "truncated.svs", backend=backend)
+
+
+def test_broken_png(tmp_path: Path) -> None:
+    path = tmp_path / "broken.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    assert "cannot decode" in _one_line_error(path)
+
+
+def test_unknown_backend(synthetic_slide: Path) -> None:
+    assert "unknown backend" in _one_line_error(synthetic_slide, backend="bioformats")
+
+
+def test_truncated_tile_data_fails_at_read_with_one_line(tmp_path: Path, synthetic_slide: Path) -> None:
+    # Zero the middle of the file: the TIFF structure is intact, so only decoding a tile can notice.
+    damaged = tmp_path / "damaged.svs"
+    data = bytearray(synthetic_slide.read_bytes())
+    data[len(data) // 8 : len(data) // 2] = bytes(len(data) // 2 - len(data) // 8)
+    damaged.write_bytes(bytes(data))
+    with open_slide(damaged, backend="tiffslide") as reader, pytest.raises(SlideError) as caught:
+        reader.read_level(Region(0, 0, 2048, 2560), level=0)
+    assert str(damaged) in str(caught.value) and "\n" not in str(caught.value)
+
+
+# ------------------------------------------------------------------------------------------- real slides
+@pytest.mark.realdata
+def test_cmu1_reads_with_mpp_through_both_backends(shared: Path) -> None:
+    from conftest import shared_file
+
+    path = shared_file(shared, "slides/CMU-1-Small-Region.svs")
+    with open_slide(path) as a, open_slide(path, backend="tiffslide") as b:
+        assert a.info.mpp == pytest.approx(0.499, abs=1e-3)
+        assert a.info.shape == b.info.shape == (2967, 2220)  # (height, width)
+        region = Region(1000, 1000, 256, 256)
+        diff = np.abs(a.read_level(region, level=0).astype(int) - b.read_level(region, level=0))
+        # Aperio JPEG tiles: both decoders are libjpeg-turbo, but OpenSlide decodes through its own
+        # colour conversion path; allow a couple of levels, nothing more.
+        assert diff.max() <= 2
+
+
+@pytest.mark.realdata
+def test_jpeg2000_svs_without_mpp_opens_and_reports_none(shared: Path) -> None:
+    from conftest import shared_file
+
+    path = shared_file(shared, "slides/tcga-cr-7395-01a-01-ts1.svs")
+    for backend in ("openslide", "tiffslide"):
+        with open_slide(path, backend=backend) as reader:
+            assert reader.info.mpp is None
+            assert reader.info.level_count == 2
+            pixels = reader.read_level(Region(1500, 2000, 64, 64), level=0)
+            assert pixels.shape == (64, 64, 3) and pixels.std() > 0
+    assert open_slide(path, slide_mpp=0.5).info.mpp == 0.5
+
+
+@pytest.mark.realdata
+def test_dicom_that_openslide_rejects_gets_a_clear_message(shared: Path) -> None:
+    from conftest import shared_file
+
+    path = shared_file(shared, "slides/pathml_small_dicom.dcm")
+    assert "DICOM" in _one_line_error(path)
+    assert "--backend openslide" in _one_line_error(path, backend="tiffslide")
+
+
+@pytest.mark.realdata
+def test_plain_strip_tiff_is_read_as_image(shared: Path) -> None:
+    from conftest import shared_file
+
+    with open_slide(shared_file(shared, "slides/kidney-48-5.tif")) as reader:
+        assert reader.info.backend == "plain"
+        assert reader.info.shape == (901, 1493)
+        assert reader.info.mpp is None
+
+
+@pytest.mark.realdata
+def test_generic_tiff_screen_resolution_is_not_taken_as_mpp(shared: Path) -> None:
+    from conftest import shared_file
+
+    with open_slide(shared_file(shared, "slides/fixtures/boxes.tiff")) as reader:
+        assert reader.info.mpp is None  # its 72 dpi tags would say 353 µm/px

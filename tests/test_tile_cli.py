@@ -1,0 +1,240 @@
+"""`wsiuda tile` end to end: stores, resuming (also after SIGKILL), batches with bad slides, real slides."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+from PIL import Image
+
+from wsiuda.cli.main import cli
+from wsiuda.io import open_slide
+from wsiuda.io.store import TileStore
+from wsiuda.tiling import read_working_region
+
+DATA = Path(__file__).parent / "data"
+FAST = ["--tile", "256", "--halo", "16", "--codec", "zstd", "--workers", "1"]
+
+
+def tile(*args: object) -> Result:
+    return CliRunner().invoke(cli, ["tile", *map(str, args)])
+
+
+def chunk_files(store: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((store / "tiles").glob("c.*"))}
+
+
+def test_tiles_equal_direct_reads_and_metadata_is_complete(synthetic_slide: Path, tmp_path: Path) -> None:
+    result = tile(synthetic_slide, "-o", tmp_path, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "ok      synthetic-40x.svs" in result.output
+
+    store = TileStore.open(tmp_path / "synthetic-40x.zarr")
+    assert store.is_complete
+    attrs = store.attrs
+    assert attrs["source"]["path"] == str(synthetic_slide.resolve())
+    assert attrs["source"]["size"] == synthetic_slide.stat().st_size and "mtime" in attrs["source"]
+    assert (attrs["backend"], attrs["slide_mpp"], attrs["target_mpp"]) == ("openslide", 0.25, 0.25)
+    assert (attrs["scale"], attrs["level_read"]) == (1.0, 0)
+    assert attrs["grid"]["rows"] == 8 and attrs["grid"]["cols"] == 10
+    assert attrs["config"]["tile"] == 256 and attrs["wsiuda_version"]
+    # The tissue ellipse covers about half the slide: background tiles are skipped.
+    assert 30 <= len(store) < 80
+    assert store.tissue_mask() is not None
+    config = yaml.safe_load((tmp_path / "tile_config.yaml").read_text())
+    assert config["command"] == "tile" and config["config"]["halo"] == 16
+
+    pixels, regions = store.read_tiles()
+    with open_slide(synthetic_slide) as reader:
+        for array, region in zip(pixels, regions, strict=True):
+            np.testing.assert_array_equal(array, read_working_region(reader, region, scale=1.0))
+
+
+def test_rerun_skips_complete_store_and_overwrite_redoes_it(synthetic_slide: Path, tmp_path: Path) -> None:
+    assert tile(synthetic_slide, "-o", tmp_path, *FAST).exit_code == 0
+    store = tmp_path / "synthetic-40x.zarr"
+    chunk = next((store / "tiles").glob("c.*"))
+    stamp = chunk.stat().st_mtime_ns
+    again = tile(synthetic_slide, "-o", tmp_path, *FAST)
+    assert again.exit_code == 0 and "already complete" in again.output
+    assert chunk.stat().st_mtime_ns == stamp
+    redo = tile(synthetic_slide, "-o", tmp_path, *FAST, "--overwrite")
+    assert redo.exit_code == 0 and "already complete" not in redo.output
+    assert chunk.stat().st_mtime_ns != stamp
+    assert TileStore.open(store).is_complete
+
+
+def test_rerun_with_other_settings_is_refused(synthetic_slide: Path, tmp_path: Path) -> None:
+    assert tile(synthetic_slide, "-o", tmp_path, *FAST).exit_code == 0
+    result = tile(synthetic_slide, "-o", tmp_path, *FAST, "--min-tissue", "0.5")
+    assert result.exit_code == 2
+    assert "other settings; pass --overwrite" in result.output
+
+
+def test_20x_slide_is_upsampled_to_40x(synthetic_slide_20x: Path, tmp_path: Path) -> None:
+    result = tile(synthetic_slide_20x, "-o", tmp_path, *FAST)
+    assert result.exit_code == 0, result.output
+    store = TileStore.open(tmp_path / "synthetic-20x.zarr")
+    assert (store.attrs["scale"], store.attrs["level_read"]) == (2.0, 0)
+    assert store.attrs["working_shape"] == [2048, 2560]
+    pixels, regions = store.read_tiles([0])
+    with open_slide(synthetic_slide_20x) as reader:
+        np.testing.assert_array_equal(pixels[0], read_working_region(reader, regions[0], scale=2.0))
+
+
+def test_jpeg_default_codec_and_two_workers_match_one(synthetic_slide_20x: Path, tmp_path: Path) -> None:
+    args = ["--mpp", "0.5", "--tile", "128", "--halo", "8"]
+    one = tile(synthetic_slide_20x, "-o", tmp_path / "one", *args, "--workers", "1")
+    two = tile(synthetic_slide_20x, "-o", tmp_path / "two", *args, "--workers", "2")
+    assert one.exit_code == 0 and two.exit_code == 0, one.output + two.output
+    store = TileStore.open(tmp_path / "one" / "synthetic-20x.zarr")
+    assert store.attrs["codec"] == "jpeg"
+    assert chunk_files(tmp_path / "one" / "synthetic-20x.zarr") == chunk_files(
+        tmp_path / "two" / "synthetic-20x.zarr"
+    )
+
+
+def test_batch_reports_bad_slides_on_one_line_each_and_finishes_the_rest(
+    synthetic_slide: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(synthetic_slide, folder / "good.svs")
+    shutil.copy(DATA / "truncated.svs", folder / "truncated.svs")
+    shutil.copy(DATA / "not-a-slide.svs", folder / "text.svs")
+    missing = tmp_path / "missing.svs"
+    result = tile(folder, missing, "-o", tmp_path / "out", *FAST)
+    assert result.exit_code == 2
+    failed = [line for line in result.output.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 3
+    for name in ("truncated.svs", "text.svs", "missing.svs"):
+        assert sum(name in line for line in failed) == 1
+    assert "3 of 4 slides failed" in result.output
+    assert TileStore.open(tmp_path / "out" / "good.zarr").is_complete
+    assert not (tmp_path / "out" / "truncated.zarr").exists()
+
+
+def test_output_that_is_not_a_store_is_left_alone(synthetic_slide: Path, tmp_path: Path) -> None:
+    taken = tmp_path / "synthetic-40x.zarr"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        result = tile(synthetic_slide, "-o", tmp_path, *FAST, *extra)
+        assert result.exit_code == 2
+        assert f"{taken} exists and is not a wsiuda tile store" in result.output
+    assert (taken / "notes.txt").read_text() == "mine"
+
+
+def test_unwritable_output_folder(synthetic_slide: Path, tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        target = Path("/sys/kernel/wsiuda-out")  # root may write anywhere else; sysfs refuses even root
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        target = locked / "out"
+    result = tile(synthetic_slide, "-o", target, *FAST)
+    assert result.exit_code == 2
+    assert "Error:" in result.output and "not writable" in result.output and str(target) in result.output
+    assert "Traceback" not in result.output
+    assert len([line for line in result.output.splitlines() if line.startswith("Error:")]) == 1
+
+
+def test_no_tissue_and_no_mpp(tmp_path: Path) -> None:
+    glass = tmp_path / "glass.png"
+    Image.fromarray(np.full((600, 700, 3), 246, dtype=np.uint8)).save(glass)
+    no_mpp = tile(glass, "-o", tmp_path / "out", *FAST)
+    assert no_mpp.exit_code == 2 and "has no mpp in its metadata; pass --slide-mpp" in no_mpp.output
+    blank = tile(glass, "-o", tmp_path / "out", *FAST, "--slide-mpp", "0.25")
+    assert blank.exit_code == 2 and "glass.png: no tissue found" in blank.output
+    everything = tile(glass, "-o", tmp_path / "out", *FAST, "--slide-mpp", "0.25", "--min-tissue", "0")
+    assert everything.exit_code == 0, everything.output
+    assert len(TileStore.open(tmp_path / "out" / "glass.zarr")) == 3 * 3
+
+
+def test_bad_option_values_are_one_line_errors(synthetic_slide: Path, tmp_path: Path) -> None:
+    result = tile(synthetic_slide, "-o", tmp_path, "--tile", "64", "--halo", "100")
+    assert result.exit_code == 2 and "--halo must be 0..tile" in result.output
+
+
+def test_sigkill_midway_then_rerun_gives_the_same_store(synthetic_slide_20x: Path, tmp_path: Path) -> None:
+    # 320 small tiles so the kill lands mid-way; zstd so equality is byte-exact without JPEG in the way.
+    args = ["--mpp", "0.5", "--tile", "64", "--halo", "4", "--min-tissue", "0", "--codec", "zstd"]
+    args += ["--workers", "1"]
+    script = Path(sys.executable).parent / "wsiuda"
+    command = [str(script), "-q", "tile", str(synthetic_slide_20x), *args]
+    killed_store = tmp_path / "killed" / "synthetic-20x.zarr"
+    process = subprocess.Popen([*command, "-o", str(tmp_path / "killed")], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        if len(list((killed_store / "tiles").glob("c.*"))) >= 40 if killed_store.exists() else False:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed = TileStore.open(killed_store)
+    assert not killed.is_complete and 0 < killed.done().sum() < len(killed)
+
+    rerun = subprocess.run([*command, "-o", str(tmp_path / "killed")], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "from an earlier run" in rerun.stdout
+    clean = subprocess.run([*command, "-o", str(tmp_path / "clean")], capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
+
+    resumed, fresh = TileStore.open(killed_store), TileStore.open(tmp_path / "clean" / "synthetic-20x.zarr")
+    assert resumed.is_complete and fresh.is_complete
+    np.testing.assert_array_equal(resumed.read_tiles()[0], fresh.read_tiles()[0])
+    assert resumed.core_regions == fresh.core_regions
+
+
+# ------------------------------------------------------------------------------------------- real slides
+@pytest.mark.realdata
+def test_cmu1_20x_tiles_at_40x_with_2x_resampling(shared: Path, tmp_path: Path) -> None:
+    from conftest import shared_file
+
+    path = shared_file(shared, "slides/CMU-1-Small-Region.svs")
+    result = tile(path, "-o", tmp_path, *FAST)
+    assert result.exit_code == 0, result.output
+    store = TileStore.open(tmp_path / "CMU-1-Small-Region.zarr")
+    assert store.is_complete
+    assert store.attrs["scale"] == pytest.approx(0.499 / 0.25, rel=1e-3)
+    assert store.attrs["working_shape"] == [5923, 4432]  # ceil(2967 x 1.996), ceil(2220 x 1.996)
+    assert len(store) > 100
+
+
+@pytest.mark.realdata
+def test_jpeg2000_svs_needs_slide_mpp(shared: Path, tmp_path: Path) -> None:
+    from conftest import shared_file
+
+    path = shared_file(shared, "slides/tcga-cr-7395-01a-01-ts1.svs")
+    refused = tile(path, "-o", tmp_path, *FAST)
+    assert refused.exit_code == 2
+    assert f"{path} has no mpp in its metadata; pass --slide-mpp 0.25 (40x) or 0.5 (20x)" in refused.output
+    # Worked at 1 µm/px (scale 0.5) to keep the test quick; level 1 has exactly that resolution.
+    works = tile(path, "-o", tmp_path, *FAST, "--slide-mpp", "0.5", "--mpp", "1.0")
+    assert works.exit_code == 0, works.output
+    store = TileStore.open(tmp_path / "tcga-cr-7395-01a-01-ts1.zarr")
+    assert store.is_complete and store.attrs["slide_mpp_origin"] == "--slide-mpp"
+    assert store.attrs["level_read"] == 1
+
+
+@pytest.mark.realdata
+def test_dicom_fails_clearly_and_plain_tiff_works_with_slide_mpp(shared: Path, tmp_path: Path) -> None:
+    from conftest import shared_file
+
+    dicom = shared_file(shared, "slides/pathml_small_dicom.dcm")
+    kidney = shared_file(shared, "slides/kidney-48-5.tif")
+    result = tile(dicom, kidney, "-o", tmp_path, *FAST, "--slide-mpp", "0.5", "--min-tissue", "0")
+    assert result.exit_code == 2
+    lines = result.output.splitlines()
+    assert any(line.startswith("FAILED  pathml_small_dicom.dcm") and "DICOM" in line for line in lines)
+    assert TileStore.open(tmp_path / "kidney-48-5.zarr").is_complete

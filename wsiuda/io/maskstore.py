@@ -1,0 +1,207 @@
+"""The slide-level mask store of ``wsiuda segment``: a zarr v3 group at the working mpp.
+
+Layout (readable by zarr and dask.array; OME-NGFF 0.5 attributes so napari opens it)::
+
+    slide.mask.zarr/
+      probability        uint8 (H, W): foreground probability x 255
+      labels/nuclei/0    uint32 or uint64 (H, W): one id per nucleus, 0 background
+      features           str (rows, cols): each tile's GeoJSON features, one per line
+      stats              float64 (rows, cols, len(TILE_STATS)): each tile's timings and counts
+      done               uint8 (rows, cols): 1 once a tile's arrays and features are written
+
+Chunks of the 2-D arrays are one core tile each, so blocks running in parallel never write the same chunk,
+and zarr writes each chunk atomically (temp + rename). A tile is marked done only after its data, so a run
+killed at any point resumes by redoing exactly the tiles not marked. The group's ``wsiuda`` attribute
+holds the run's metadata and ``complete``, set only when the slide's outputs are all written.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from wsiuda.errors import OutputError
+from wsiuda.geometry import Region
+
+NGFF_VERSION = "0.5"
+LABELS_PATH = "labels/nuclei/0"
+TILE_STATS = (
+    "read_s",
+    "predict_s",
+    "crf_s",
+    "instances_s",
+    "polygons_s",
+    "nuclei",
+    "entropy_sum",
+    "tissue_px",
+)
+"""Per-tile figures kept in the store, so a resumed run still reports on every tile."""
+
+
+def label_dtype(shape: tuple[int, int]) -> np.dtype:
+    """uint32 while every pixel index fits, else uint64 (nucleus ids derive from pixel positions)."""
+    return np.dtype(np.uint32 if shape[0] * shape[1] < 2**32 - 1 else np.uint64)
+
+
+def _multiscales(name: str, path: str, mpp: float) -> list[dict[str, Any]]:
+    axes = [{"name": axis, "type": "space", "unit": "micrometer"} for axis in ("y", "x")]
+    transform = [{"type": "scale", "scale": [mpp, mpp]}]
+    return [
+        {"name": name, "axes": axes, "datasets": [{"path": path, "coordinateTransformations": transform}]}
+    ]
+
+
+class MaskStore:
+    """One slide's mask store: :meth:`create` it, reopen it (e.g. in a worker) with :meth:`open`."""
+
+    def __init__(self, path: Path | str, group: zarr.Group) -> None:
+        self.path = Path(path)
+        self.group = group
+
+    # ------------------------------------------------------------------------------------------ open/create
+    @classmethod
+    def create(
+        cls, path: Path | str, *, shape: tuple[int, int], tile: int, mpp: float, metadata: dict[str, Any]
+    ) -> MaskStore:
+        """A new, empty store (an existing one at ``path`` is replaced)."""
+        path = Path(path)
+        if path.exists():
+            shutil.rmtree(path)
+        try:
+            group = zarr.open_group(str(path), mode="w")
+        except OSError as error:
+            raise OutputError(f"cannot write {path}: {error.strerror}; choose a writable folder") from None
+        rows, cols = -(-shape[0] // tile), -(-shape[1] // tile)
+        chunks = (tile, tile)
+        group.create_array(
+            "probability", shape=shape, chunks=chunks, dtype="uint8", fill_value=0, dimension_names=("y", "x")
+        )
+        labels = group.create_group("labels")
+        nuclei = labels.create_group("nuclei")
+        nuclei.create_array(
+            "0",
+            shape=shape,
+            chunks=chunks,
+            dtype=label_dtype(shape),
+            fill_value=0,
+            dimension_names=("y", "x"),
+        )
+        group.create_array("features", shape=(rows, cols), chunks=(1, 1), dtype=str)
+        group.create_array(
+            "stats", shape=(rows, cols, len(TILE_STATS)), chunks=(1, 1, len(TILE_STATS)), dtype="float64"
+        )
+        group.create_array("done", shape=(rows, cols), chunks=(1, 1), dtype="uint8", fill_value=0)
+        labels.attrs["ome"] = {"version": NGFF_VERSION, "labels": ["nuclei"]}
+        nuclei.attrs["ome"] = {
+            "version": NGFF_VERSION,
+            "multiscales": _multiscales("nuclei", "0", mpp),
+            "image-label": {"source": {"image": "../../"}},
+        }
+        group.attrs["ome"] = {
+            "version": NGFF_VERSION,
+            "multiscales": _multiscales("probability", "probability", mpp),
+        }
+        group.attrs["wsiuda"] = {
+            **metadata,
+            "shape": list(shape),
+            "tile": tile,
+            "mpp": mpp,
+            "complete": False,
+        }
+        return cls(path, group)
+
+    @classmethod
+    def open(cls, path: Path | str, *, mode: str = "r+") -> MaskStore:
+        path = Path(path)
+        try:
+            group = zarr.open_group(str(path), mode=mode)  # type: ignore[arg-type]
+        except (FileNotFoundError, ValueError, KeyError) as error:
+            raise OutputError(
+                f"{path} is not a wsiuda mask store ({error}); remove it or pass --overwrite"
+            ) from None
+        if "wsiuda" not in group.attrs:
+            raise OutputError(f"{path} is not a wsiuda mask store; remove it or pass --overwrite")
+        return cls(path, group)
+
+    @staticmethod
+    def exists(path: Path | str) -> bool:
+        return (Path(path) / "zarr.json").is_file()
+
+    # ----------------------------------------------------------------------------------------------- state
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return dict(self.group.attrs["wsiuda"])  # type: ignore[arg-type]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.metadata.get("complete", False))
+
+    def update_metadata(self, **values: Any) -> None:
+        self.group.attrs["wsiuda"] = {**self.metadata, **values}
+
+    def mark_complete(self, **values: Any) -> None:
+        """Set ``complete`` (call last, after every output of the slide is written)."""
+        self.update_metadata(**values, complete=True)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        height, width = self.probability.shape
+        return (int(height), int(width))
+
+    @property
+    def probability(self) -> zarr.Array:
+        return self.group["probability"]  # type: ignore[return-value]
+
+    @property
+    def labels(self) -> zarr.Array:
+        return self.group[LABELS_PATH]  # type: ignore[return-value]
+
+    def done_tiles(self) -> np.ndarray:
+        """Boolean (rows, cols): which tiles are finished."""
+        done: zarr.Array = self.group["done"]  # type: ignore[assignment]
+        return np.asarray(done[...], dtype=bool)
+
+    # -------------------------------------------------------------------------------------------------- io
+    def write_tile(
+        self,
+        index: tuple[int, int],
+        core: Region,
+        *,
+        probability: np.ndarray,
+        labels: np.ndarray,
+        features: list[str],
+        stats: dict[str, float],
+    ) -> None:
+        """Write one tile's core arrays, features and stats, then mark it done (in that order)."""
+        slices = core.as_slices()
+        prob = probability if probability.dtype == np.uint8 else to_uint8(probability)
+        self.probability[slices] = prob
+        self.labels[slices] = labels.astype(self.labels.dtype, copy=False)
+        feature_array: zarr.Array = self.group["features"]  # type: ignore[assignment]
+        done: zarr.Array = self.group["done"]  # type: ignore[assignment]
+        # A tile without nuclei writes a newline: "" is the fill value, which zarr would not store.
+        feature_array[index] = "".join(line + "\n" for line in features) or "\n"
+        stats_array: zarr.Array = self.group["stats"]  # type: ignore[assignment]
+        stats_array[index] = np.array([float(stats.get(name, 0.0)) for name in TILE_STATS])
+        done[index] = 1
+
+    def tile_stats(self) -> dict[str, float]:
+        """Each of :data:`TILE_STATS` summed over the finished tiles."""
+        stats_array: zarr.Array = self.group["stats"]  # type: ignore[assignment]
+        values = np.asarray(stats_array[...], dtype=np.float64)[self.done_tiles()]
+        return {name: float(values[:, i].sum()) for i, name in enumerate(TILE_STATS)}
+
+    def tile_features(self, index: tuple[int, int]) -> list[str]:
+        """The serialised features a finished tile wrote, in its order."""
+        feature_array: zarr.Array = self.group["features"]  # type: ignore[assignment]
+        text = str(feature_array[index])
+        return [line for line in text.split("\n") if line]
+
+
+def to_uint8(probability: np.ndarray) -> np.ndarray:
+    """Probability in [0, 1] as uint8 0-255 (rounded)."""
+    return np.clip(np.rint(np.asarray(probability, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
