@@ -1,0 +1,153 @@
+"""Networks, model files and the Segmenter."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wsiuda.errors import ModelError
+from wsiuda.models import (
+    FORMAT_VERSION,
+    ModelMeta,
+    Segmenter,
+    build_discriminator,
+    build_unet,
+    load_model_file,
+    save_model,
+    unet_receptive_field,
+)
+
+torch.set_num_threads(1)
+
+
+def tiny_meta(**kwargs: object) -> ModelMeta:
+    return ModelMeta(arch_kwargs={"width": 4, "depth": 2}, **kwargs)  # type: ignore[arg-type]
+
+
+def test_unet_returns_one_logit_map_of_the_input_size() -> None:
+    net = build_unet(width=4, depth=3)
+    out = net(torch.zeros(2, 3, 64, 48))
+    assert out.shape == (2, 1, 64, 48)
+
+
+def test_receptive_field_bounds_the_measured_gradient_support() -> None:
+    torch.manual_seed(0)
+    net = build_unet(width=2, depth=2).eval()
+    x = torch.randn(1, 3, 96, 96, requires_grad=True)
+    net(x)[0, 0, 48, 48].backward()
+    assert x.grad is not None
+    rows = np.nonzero(x.grad.abs().sum(dim=(0, 1)).sum(dim=1).numpy())[0]
+    extent = rows.max() - rows.min() + 1
+    field = unet_receptive_field(depth=2)
+    assert field == 44
+    assert field // 2 < extent <= field
+    assert tiny_meta().receptive_field_px == 44
+
+
+def test_discriminator_scores_patches_of_the_probability_map() -> None:
+    out = build_discriminator(width=4)(torch.rand(2, 1, 64, 64))
+    assert out.shape == (2, 1, 2, 2)
+
+
+def test_predict_returns_probabilities_for_any_size_and_matches_unpadded() -> None:
+    torch.manual_seed(0)
+    segmenter = Segmenter.from_network(build_unet(width=4, depth=2), tiny_meta())
+    images = np.random.default_rng(0).integers(0, 256, (3, 37, 50, 3), dtype=np.uint8)
+    probabilities = segmenter.predict(images, batch_size=2)
+    assert probabilities.shape == (3, 37, 50) and probabilities.dtype == np.float32
+    assert probabilities.min() >= 0 and probabilities.max() <= 1
+    # A size that needs no padding goes through untouched, and the batch size does not matter (eval mode).
+    square = images[:, :32, :32]
+    single = np.concatenate([segmenter.predict(square[i : i + 1]) for i in range(3)])
+    np.testing.assert_allclose(segmenter.predict(square), single, atol=1e-5)
+    with pytest.raises(ValueError, match="uint8"):
+        segmenter.predict(images.astype(np.float32))
+
+
+def test_model_file_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    net = build_unet(width=4, depth=2)
+    meta = tiny_meta(method="ours", training_data=({"name": "tnbc", "license": "CC BY 4.0"},))
+    save_model(tmp_path / "model.pt", net, meta)
+    loaded = Segmenter.load(tmp_path / "model.pt", device="cpu")
+    assert loaded.meta == meta
+    images = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(loaded.predict(images), Segmenter.from_network(net, meta).predict(images))
+    assert not list(tmp_path.glob(".*.tmp")), "atomic write left a temporary file"
+
+
+class Payload:
+    """Unpickling this runs os.system, which would write a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_model_file_carrying_code_is_refused_without_running_it(tmp_path: Path) -> None:
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "evil.pt"
+    net = build_unet(width=4, depth=2)
+    document = {"format": "wsiuda-model", "meta": tiny_meta().to_dict(), "state_dict": net.state_dict()}
+    document["meta"]["config"] = {"x": Payload(marker)}
+    torch.save(document, path)
+    with pytest.raises(ModelError, match="refused"):
+        Segmenter.load(path, device="cpu")
+    assert not marker.exists(), "loading the model file ran its payload"
+    plain = tmp_path / "plain.pkl"
+    plain.write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(ModelError, match="not a readable"):
+        load_model_file(plain)
+    assert not marker.exists()
+
+
+def test_payload_really_runs_under_an_unsafe_loader(tmp_path: Path) -> None:
+    """Guards the test above: the same bytes do run code when loaded without weights_only."""
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"x": Payload(marker)}, path)
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_incompatible_files_give_one_line_errors(tmp_path: Path) -> None:
+    net = build_unet(width=4, depth=2)
+    future = tiny_meta().to_dict() | {"format_version": FORMAT_VERSION + 1}
+    torch.save(
+        {"format": "wsiuda-model", "meta": future, "state_dict": net.state_dict()}, tmp_path / "new.pt"
+    )
+    unknown = tiny_meta().to_dict() | {"arch": "transformer"}
+    torch.save(
+        {"format": "wsiuda-model", "meta": unknown, "state_dict": net.state_dict()}, tmp_path / "arch.pt"
+    )
+    wrong = tiny_meta().to_dict() | {"arch_kwargs": {"width": 8, "depth": 2}}
+    torch.save(
+        {"format": "wsiuda-model", "meta": wrong, "state_dict": net.state_dict()}, tmp_path / "wrong.pt"
+    )
+    (tmp_path / "text.pt").write_text("not a model")
+    cases = {
+        "new.pt": "format version",
+        "arch.pt": "unknown architecture",
+        "wrong.pt": "do not fit",
+        "text.pt": "not a readable",
+        "missing.pt": "does not exist",
+    }
+    for name, message in cases.items():
+        with pytest.raises(ModelError, match=message) as info:
+            Segmenter.load(tmp_path / name, device="cpu")
+        assert "\n" not in str(info.value)
+
+
+def test_default_model_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import wsiuda.models.segmenter as segmenter_module
+
+    monkeypatch.setattr(segmenter_module, "default_model_path", lambda: tmp_path / "default.pt")
+    with pytest.raises(ModelError, match="no default model ships"):
+        Segmenter.load_default(device="cpu")

@@ -1,0 +1,271 @@
+"""The adaptation loop: every preset trains, gradients go where they should, runs resume exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from wsiuda.cli.main import cli
+from wsiuda.errors import ConfigError, OutputError, TrainingError
+from wsiuda.models import Segmenter
+from wsiuda.models.files import safe_load
+from wsiuda.train import AdaptConfig, fit
+from wsiuda.train.batches import BatchSampler, epoch_rng
+from wsiuda.train.loop import RunData
+from wsiuda.train.trainer import Trainer
+
+torch.set_num_threads(1)
+
+
+def nuclei_image(rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Pink with dark disks, and the disks' mask: something a tiny U-Net can start to learn."""
+    image = np.empty((size, size, 3), dtype=np.uint8)
+    image[:] = (230, 170, 200)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    for _ in range(5):
+        cy, cx, r = (*rng.integers(0, size, 2).tolist(), int(rng.integers(3, 8)))
+        disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        image[disk] = (80, 50, 130)
+        mask[disk] = 255
+    noise = rng.integers(-8, 9, image.shape)
+    return np.clip(image.astype(int) + noise, 0, 255).astype(np.uint8), mask
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("train-data")
+    rng = np.random.default_rng(0)
+    for name, count, labelled in (("source", 6, True), ("target", 4, False), ("target_val", 2, True)):
+        (root / name / "images").mkdir(parents=True)
+        if labelled:
+            (root / name / "masks").mkdir()
+        for i in range(count):
+            image, mask = nuclei_image(rng)
+            if name == "target":
+                image = (image * 0.8).astype(np.uint8)  # a darker "lab"
+            stem = f"{i // 2 + 1:02d}_{i}"
+            Image.fromarray(image).save(root / name / "images" / f"{stem}.png")
+            if labelled:
+                Image.fromarray(mask).save(root / name / "masks" / f"{stem}.png")
+    return {name: root / name for name in ("source", "target", "target_val")}
+
+
+def tiny(folders: dict[str, Path], output: Path, method: str = "ours", **changes: Any) -> AdaptConfig:
+    settings: dict[str, Any] = dict(
+        source=(folders["source"],),
+        target=(folders["target"],),
+        output=output,
+        method=method,
+        epochs=1,
+        iters_per_epoch=2,
+        batch_size=2,
+        patch_size=32,
+        width=4,
+        depth=2,
+        d_width=4,
+        r_width=4,
+        device="cpu",
+        cbst_start_epoch=0,
+        cbst_pool_size=4,
+    )
+    return AdaptConfig(**(settings | changes))
+
+
+EXPECTED_TERMS = {
+    "ours": {"dice", "em_source", "consistency", "adv", "recons", "d_loss", "d_acc"},
+    "source-only": {"dice"},
+    "da-adv": {"dice", "adv", "d_loss", "d_acc"},
+    "cellseguda": {"dice", "adv", "recons", "d_loss", "d_acc"},
+    "cbst": {"dice", "pseudo"},
+}
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED_TERMS))
+def test_every_preset_trains_and_writes_a_usable_run(
+    folders: dict[str, Path], tmp_path: Path, method: str
+) -> None:
+    run = fit(tiny(folders, tmp_path / "run", method, stain_aug=method == "ours"), progress=False)
+    for name in ("config.yaml", "metrics.jsonl", "training_curve.png", "last.pt", "model.pt", "summary.json"):
+        assert (run / name).is_file(), name
+    (entry,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert set(entry["losses"]) - {"total"} == EXPECTED_TERMS[method]
+    assert entry["iterations"] == 2 and entry["epoch_seconds"] > 0
+    assert 0 <= entry["source_val_dice"] <= 1
+    segmenter = Segmenter.load(run / "model.pt", device="cpu")
+    assert segmenter.meta.method.startswith(method)
+    assert segmenter.meta.normalisation["scheme"] == "meanstd"
+    assert {d["name"] for d in segmenter.meta.training_data} >= {"source"}
+    assert segmenter.predict(np.zeros((1, 40, 40, 3), dtype=np.uint8)).shape == (1, 40, 40)
+
+
+def test_ablation_flags_remove_their_terms(folders: dict[str, Path], tmp_path: Path) -> None:
+    config = tiny(folders, tmp_path / "run", "ours", em_weight=0.0, consistency_k=0.0)
+    run = fit(config, progress=False)
+    entry = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert not {"em_source", "consistency"} & set(entry["losses"])
+    assert Segmenter.load(run / "model.pt").meta.method == "ours --no-em --no-self-ensembling"
+
+
+def parameters(module: torch.nn.Module | None) -> list[torch.Tensor]:
+    assert module is not None
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def same(before: list[torch.Tensor], module: torch.nn.Module | None) -> bool:
+    assert module is not None
+    return all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+
+
+def test_gradients_go_only_where_they_should(folders: dict[str, Path], tmp_path: Path) -> None:
+    from wsiuda.models import build_unet
+
+    config = tiny(folders, tmp_path / "run")
+    data = RunData(config)
+    trainer = Trainer(config, build_unet(width=4, depth=2), {"scheme": "unit"}, torch.device("cpu"))
+    batch = BatchSampler(config, data.train, data.targets).batch(epoch_rng(0, 0), None)
+    s, d, r = parameters(trainer.s), parameters(trainer.d), parameters(trainer.r)
+    _, source_probabilities, target_probabilities = trainer.segmenter_step(batch, epoch=30.0)
+    assert same(d, trainer.d), "the S step moved D"
+    assert not same(s, trainer.s) and not same(r, trainer.r)
+    assert target_probabilities is not None
+    s = parameters(trainer.s)
+    trainer.discriminator_step(source_probabilities, target_probabilities)
+    assert same(s, trainer.s), "the D step moved S"
+    assert not same(d, trainer.d)
+
+
+def test_resumed_run_matches_an_uninterrupted_one(folders: dict[str, Path], tmp_path: Path) -> None:
+    straight = fit(tiny(folders, tmp_path / "straight", epochs=2, seed=3), progress=False)
+    stopped = fit(tiny(folders, tmp_path / "stopped", epochs=1, seed=3), progress=False)
+    resumed = fit(tiny(folders, stopped, epochs=2, seed=3, resume=True), progress=False)
+    a = safe_load(straight / "last.pt", kind="checkpoint")
+    b = safe_load(resumed / "last.pt", kind="checkpoint")
+    assert a["epoch"] == b["epoch"] == 2
+    for net in ("s", "d", "r"):
+        for key, value in a["trainer"][net].items():
+            assert torch.equal(value, b["trainer"][net][key]), f"{net}.{key} differs after resume"
+    assert len((resumed / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_cbst_pseudo_labels_survive_a_resume(folders: dict[str, Path], tmp_path: Path) -> None:
+    settings = dict(method="cbst", cbst_round_epochs=2, seed=1)
+    straight = fit(tiny(folders, tmp_path / "straight", epochs=2, **settings), progress=False)
+    stopped = fit(tiny(folders, tmp_path / "stopped", epochs=1, **settings), progress=False)
+    resumed = fit(tiny(folders, stopped, epochs=2, resume=True, **settings), progress=False)
+    a = safe_load(straight / "last.pt", kind="checkpoint")["trainer"]["s"]
+    b = safe_load(resumed / "last.pt", kind="checkpoint")["trainer"]["s"]
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(
+    folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = fit(tiny(folders, tmp_path / "run"), progress=False)
+    checkpoint = (run / "last.pt").read_bytes()
+    import wsiuda.train.losses as losses
+
+    monkeypatch.setattr(losses, "dice_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(TrainingError, match=r"non-finite \(dice=nan.*epoch 2.*last\.pt from epoch 1 is kept"):
+        fit(tiny(folders, run, epochs=2, resume=True), progress=False)
+    assert (run / "last.pt").read_bytes() == checkpoint
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    # A run that fails in its first epoch has nothing to resume; starting it again is allowed.
+    with pytest.raises(TrainingError, match="no checkpoint had been written yet"):
+        fit(tiny(folders, tmp_path / "early"), progress=False)
+    monkeypatch.undo()
+    assert (fit(tiny(folders, tmp_path / "early"), progress=False) / "model.pt").is_file()
+
+
+def test_budget_stops_cleanly_and_target_val_only_reports(folders: dict[str, Path], tmp_path: Path) -> None:
+    config = tiny(folders, tmp_path / "run", epochs=5, budget_minutes=1e-9, target_val=folders["target_val"])
+    run = fit(config, progress=False)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by"] == "budget" and summary["epochs_done"] == 1
+    (entry,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert entry["iterations"] == 1
+    assert entry["target_val_dice"] is not None and entry["source_val_dice"] is not None
+    assert (run / "model.pt").is_file()
+
+
+def test_model_selection_follows_source_validation_only(folders: dict[str, Path], tmp_path: Path) -> None:
+    config = tiny(folders, tmp_path / "run", method="source-only", epochs=4, target_val=folders["target_val"])
+    run = fit(config, progress=False)
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    best = 0
+    for index, entry in enumerate(history):
+        if history[best]["source_val_dice"] < entry["source_val_dice"]:
+            best = index
+        assert entry["best_epoch"] == history[best]["epoch"]
+
+
+def test_config_and_output_errors(folders: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown method"):
+        tiny(folders, tmp_path / "a", method="magic")
+    with pytest.raises(ConfigError, match="pass --target"):
+        tiny(folders, tmp_path / "a", target=())
+    with pytest.raises(ConfigError, match="multiple of 2\\*\\*depth"):
+        tiny(folders, tmp_path / "a", patch_size=30)
+    with pytest.raises(ConfigError, match="no such model file"):
+        tiny(folders, tmp_path / "a", init=str(tmp_path / "missing.pt"))
+    assert tiny(folders, tmp_path / "a", method="source-only", target=()).uses_target is False
+    run = fit(tiny(folders, tmp_path / "run", method="source-only"), progress=False)
+    with pytest.raises(OutputError, match="--resume"):
+        fit(tiny(folders, run, method="source-only"), progress=False)
+    with pytest.raises(OutputError, match=r"no last\.pt"):
+        fit(tiny(folders, tmp_path / "fresh", resume=True), progress=False)
+
+
+def test_fine_tuning_from_a_model_keeps_its_normalisation(folders: dict[str, Path], tmp_path: Path) -> None:
+    first = fit(tiny(folders, tmp_path / "first", method="source-only"), progress=False)
+    second = fit(tiny(folders, tmp_path / "second", init=str(first / "model.pt")), progress=False)
+    assert (
+        Segmenter.load(second / "model.pt").meta.normalisation
+        == Segmenter.load(first / "model.pt").meta.normalisation
+    )
+
+
+def test_cli_adapt_train_resume_and_bad_input(folders: dict[str, Path], tmp_path: Path) -> None:
+    common = ["--epochs", "1", "--iters-per-epoch", "1", "--batch-size", "2", "--patch-size", "32",
+              "--width", "4", "--depth", "2", "--device", "cpu", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(
+        cli,
+        ["adapt", "--source", str(folders["source"]), "--target", str(folders["target"]), "-o",
+         str(tmp_path / "run"), "--method", "da-adv", "--d-width", "4", "--stain-aug", *common],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "model.pt").is_file()
+    result = CliRunner().invoke(cli, ["adapt", "--resume", str(tmp_path / "run"), "--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    result = CliRunner().invoke(cli, ["adapt", "--resume", str(tmp_path / "run"), "--width", "8"])
+    assert result.exit_code == 2 and "cannot change when resuming" in result.output
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--source",
+            str(folders["source"]),
+            "-o",
+            str(tmp_path / "t"),
+            "--bce-weight",
+            "1",
+            *common,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert Segmenter.load(tmp_path / "t" / "model.pt").meta.method == "source-only"
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    (empty / "masks").mkdir()
+    result = CliRunner().invoke(cli, ["train", "--source", str(empty), "-o", str(tmp_path / "e"), *common])
+    assert result.exit_code == 2
+    assert result.output.startswith("Error: ") and "no images found" in result.output
+    assert len(result.output.strip().splitlines()) == 1
