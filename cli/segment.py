@@ -1,13 +1,136 @@
-"""`wsiuda segment` (not yet implemented)."""
+"""`wsiuda segment`: nuclei of whole slides as GeoJSON that QuPath imports."""
 
 from __future__ import annotations
 
+import logging
+import sys
+from dataclasses import replace
+
 import click
 
-from wsiuda.errors import ConfigError
+from wsiuda.cli.options import (
+    backend_option,
+    device_option,
+    min_tissue_option,
+    overwrite_option,
+    slide_mpp_option,
+    tile_option,
+)
+
+log = logging.getLogger("wsiuda.cli.segment")
 
 
 @click.command(name="segment")
-def command() -> None:
-    """Not yet implemented."""
-    raise ConfigError("wsiuda segment is not implemented yet")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=str),
+    help="A .geojson or .geojson.gz file (one slide), or a folder (any number of slides).",
+)
+@click.option(
+    "-m", "--model", type=click.Path(path_type=str), default=None, help="model.pt from `wsiuda adapt`."
+)
+@device_option()
+@click.option("--no-crf", "no_crf", is_flag=True, help="Skip the dense CRF refinement (faster).")
+@click.option(
+    "--crf-downsample",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Run the CRF on a grid this many times coarser, kernels scaled to match (1: full resolution) "
+    "[default: 2].",
+)
+@click.option(
+    "--mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Working resolution in µm/px [default: the model's].",
+)
+@slide_mpp_option()
+@backend_option()
+@tile_option(default=1024)
+@min_tissue_option(default=0.05)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tiles per network batch [default: 1 on a CPU, 4 on a GPU].",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Local worker processes [default: one per 2 cores, as far as memory allows; each takes ~1.5 GB].",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="ADDRESS",
+    help="Run on an existing dask.distributed cluster (e.g. tcp://host:8786); 'sync' runs in this process.",
+)
+@click.option("--gzip", "gzip_output", is_flag=True, help="With a folder as -o, write .geojson.gz files.")
+@overwrite_option()
+def command(
+    inputs: tuple[str, ...],
+    output: str,
+    model: str | None,
+    device: str,
+    no_crf: bool,
+    crf_downsample: int | None,
+    mpp: float | None,
+    slide_mpp: float | None,
+    backend: str,
+    tile: int,
+    min_tissue: float,
+    batch_size: int | None,
+    workers: int | None,
+    scheduler: str | None,
+    gzip_output: bool,
+    overwrite: bool,
+) -> None:
+    """Segment nuclei in SLIDE... and write GeoJSON for QuPath.
+
+    Each input is a slide (any format the backend reads), a tile store from `wsiuda tile`, or a folder of
+    slides or images. With -o NAME.geojson (one slide) the other outputs sit beside it: NAME.mask.zarr,
+    NAME.overlay.png, NAME.summary.json and NAME.segment.yaml. With -o FOLDER each slide gets
+    FOLDER/<slide>.geojson and the rest, and FOLDER/segment.yaml records the settings.
+
+    An interrupted run resumes where it stopped; --overwrite redoes finished slides. A slide that cannot
+    be read is reported and the others go on; the exit code is then 1.
+    """
+    from wsiuda.pipelines.segment import SEGMENT_CRF, SegmentConfig, segment
+
+    config = SegmentConfig(
+        inputs=tuple(inputs),
+        output=output,
+        model=model,
+        device=device,
+        crf=not no_crf,
+        crf_params=SEGMENT_CRF if crf_downsample is None else replace(SEGMENT_CRF, downsample=crf_downsample),
+        mpp=mpp,
+        slide_mpp=slide_mpp,
+        backend=backend,
+        tile=tile,
+        min_tissue=min_tissue,
+        batch_size=batch_size,
+        workers=workers,
+        scheduler=scheduler,
+        overwrite=overwrite,
+        gzip=gzip_output,
+    )
+    quiet = logging.getLogger("wsiuda").getEffectiveLevel() > logging.INFO
+    report = segment(config, progress=not quiet)
+    for result in report.results:
+        if result.error is None:
+            state = "already done" if result.skipped else f"{result.nuclei} nuclei"
+            click.echo(f"{result.source}: {state} → {result.geojson}")
+    for failure in report.failures:
+        click.echo(f"Error: {failure.source}: {_strip_path(failure.error or '', failure.source)}", err=True)
+    if report.failures:
+        sys.exit(1)
+
+
+def _strip_path(message: str, path: str) -> str:
+    """Errors usually start with the file's path; don't print it twice."""
+    return message[len(path) :].lstrip(": ") if message.startswith(path) else message

@@ -1,0 +1,92 @@
+"""Dense CRF refinement: parameters, what it does to a noisy probability map, and its faster modes."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from wsiuda.crf import CrfParams, crf_reach_px, dense_crf
+from wsiuda.errors import ConfigError
+
+
+def scene(size: int = 160, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An H&E-like image of dark disks on pink, the true mask, and a noisy, blurred probability map."""
+    rng = np.random.default_rng(seed)
+    truth = np.zeros((size, size), np.uint8)
+    for cy, cx, r in ((40, 40, 14), (45, 110, 18), (115, 60, 16), (120, 125, 12)):
+        cv2.circle(truth, (cx, cy), r, 1, thickness=-1)
+    image = np.where(truth[..., None] == 1, np.array([80, 50, 130]), np.array([235, 175, 205])).astype(
+        np.uint8
+    )
+    image = np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8)
+    blurred = cv2.GaussianBlur(truth.astype(np.float32), (0, 0), 4)
+    probability = np.clip(0.15 + 0.7 * blurred + rng.normal(0, 0.18, truth.shape), 0, 1).astype(np.float32)
+    return image, truth.astype(bool), probability
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+def test_defaults_are_the_papers_group_parameters() -> None:
+    params = CrfParams()
+    assert (params.w1, params.theta_alpha, params.theta_beta) == (10.0, 20.0, 13.0)
+    assert (params.w2, params.theta_gamma, params.iterations) == (3.0, 3.0, 5)
+    assert crf_reach_px(params) == 60  # 3 sigma of the widest kernel
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"w1": -1},
+        {"theta_alpha": 0},
+        {"theta_beta": -2},
+        {"iterations": 0},
+        {"downsample": 0},
+        {"uncertain_margin": 0.7},
+    ],
+)
+def test_bad_parameters_are_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ConfigError):
+        CrfParams(**kwargs)  # type: ignore[arg-type]
+
+
+def test_crf_cleans_a_noisy_probability_map() -> None:
+    image, truth, probability = scene()
+    refined = dense_crf(image, probability, CrfParams())
+    assert refined.shape == probability.shape and refined.dtype == np.float32
+    assert refined.min() >= 0.0 and refined.max() <= 1.0
+    before, after = dice(probability > 0.5, truth), dice(refined > 0.5, truth)
+    assert after > before + 0.03, (before, after)
+    assert after > 0.95
+
+
+def test_crf_rejects_mismatched_inputs() -> None:
+    image, _, probability = scene()
+    with pytest.raises(ValueError):
+        dense_crf(image[:-1], probability, CrfParams())
+    with pytest.raises(ValueError):
+        dense_crf(image.astype(np.float32), probability, CrfParams())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fast", "allowed_loss"),
+    [(CrfParams(downsample=2), 0.05), (CrfParams(uncertain_margin=0.3, block=64), 0.005)],
+)
+def test_fast_modes_score_close_to_the_full_crf(fast: CrfParams, allowed_loss: float) -> None:
+    """Dice against the truth; on these small disks (radius 12-18 px) half resolution costs the most."""
+    image, truth, probability = scene()
+    full = dice(dense_crf(image, probability, CrfParams()) > 0.5, truth)
+    faster = dice(dense_crf(image, probability, fast) > 0.5, truth)
+    assert faster >= full - allowed_loss, (full, faster)
+    assert faster > dice(probability > 0.5, truth) + 0.03
+
+
+def test_uncertain_mode_keeps_confident_blocks_as_they_are() -> None:
+    image, _, probability = scene()
+    confident = probability.copy()
+    confident[:64, :64] = 0.02  # a block with no uncertain pixel
+    refined = dense_crf(image, confident, CrfParams(uncertain_margin=0.3, block=64))
+    np.testing.assert_array_equal(refined[:64, :64], confident[:64, :64])
+    assert not np.array_equal(refined[64:, 64:], confident[64:, 64:])

@@ -1,0 +1,125 @@
+"""The streaming GeoJSON writer and the fields QuPath reads."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import tracemalloc
+import uuid
+from pathlib import Path
+
+import pytest
+import shapely
+from shapely.geometry import Polygon, shape
+
+from wsiuda.errors import OutputError
+from wsiuda.io.geojson import GeoJsonWriter, feature_id, iter_feature_lines, load_features, nucleus_feature
+
+SQUARE = Polygon([(10, 10), (20, 10), (20, 20), (10, 20)])
+
+
+def feature(index: int) -> dict:  # type: ignore[type-arg]
+    polygon = shapely.affinity.translate(SQUARE, xoff=index * 30)
+    return nucleus_feature(
+        polygon,
+        feature_uuid=feature_id("slide.svs", 15.0, 15.0 + index * 30),
+        measurements={"Area µm^2": 25.0, "Perimeter µm": 20.0, "Mean probability": 0.9, "Circularity": 0.785},
+    )
+
+
+def check_qupath_detection(item: dict) -> None:  # type: ignore[type-arg]
+    """Every field QuPath 0.4-0.6 reads from a detection."""
+    assert item["type"] == "Feature"
+    assert str(uuid.UUID(item["id"])) == item["id"]
+    assert item["geometry"]["type"] == "Polygon"
+    ring = item["geometry"]["coordinates"][0]
+    assert ring[0] == ring[-1] and len(ring) >= 4
+    assert shape(item["geometry"]).is_valid
+    properties = item["properties"]
+    assert properties["objectType"] == "detection"
+    classification = properties["classification"]
+    assert classification["name"] == "Nucleus"
+    assert len(classification["color"]) == 3 and all(isinstance(c, int) for c in classification["color"])
+    measurements = properties["measurements"]
+    assert isinstance(measurements, dict) and "Area µm^2" in measurements
+    assert all(isinstance(value, float) for value in measurements.values())
+
+
+@pytest.mark.parametrize("name", ["nuclei.geojson", "nuclei.geojson.gz"])
+def test_written_collection_parses_back_with_every_field(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    with GeoJsonWriter(path) as writer:
+        for index in range(5):
+            writer.write(feature(index))
+    assert writer.count == 5
+    if name.endswith(".gz"):
+        with gzip.open(path, "rb") as handle:
+            assert handle.read(1) == b"{"
+    features = load_features(path)
+    assert len(features) == 5
+    for item in features:
+        check_qupath_detection(item)
+    assert features[2]["geometry"]["coordinates"][0][0] == [70.0, 10.0]
+    assert [json.loads(line)["id"] for line in iter_feature_lines(path)] == [f["id"] for f in features]
+
+
+def test_empty_collection_is_valid(tmp_path: Path) -> None:
+    path = tmp_path / "none.geojson"
+    with GeoJsonWriter(path):
+        pass
+    assert json.loads(path.read_text()) == {"type": "FeatureCollection", "features": []}
+
+
+def test_micro_sign_is_written_as_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "n.geojson"
+    with GeoJsonWriter(path) as writer:
+        writer.write(feature(0))
+    assert "Area µm^2".encode() in path.read_bytes()
+
+
+def test_failure_leaves_no_file_and_keeps_the_old_one(tmp_path: Path) -> None:
+    path = tmp_path / "n.geojson"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), GeoJsonWriter(path) as writer:
+        writer.write(feature(0))
+        raise RuntimeError("interrupted")
+    assert path.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_unwritable_folder_is_a_one_line_output_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OutputError, match="cannot write"), GeoJsonWriter(blocker / "n.geojson"):
+        pass
+
+
+def test_ids_are_uuids_deterministic_in_slide_and_position() -> None:
+    assert feature_id("a.svs", 1.0, 2.0) == feature_id("a.svs", 1.0, 2.0)
+    assert feature_id("a.svs", 1.0, 2.0) != feature_id("b.svs", 1.0, 2.0)
+    assert feature_id("a.svs", 1.0, 2.0) != feature_id("a.svs", 1.0, 2.01)
+    assert uuid.UUID(feature_id("a.svs", 1.0, 2.0)).version == 5
+
+
+def test_gzip_output_is_byte_identical_between_runs(tmp_path: Path) -> None:
+    for name in ("a.geojson.gz", "b.geojson.gz"):
+        with GeoJsonWriter(tmp_path / name) as writer:
+            for index in range(3):
+                writer.write(feature(index))
+    assert (tmp_path / "a.geojson.gz").read_bytes() == (tmp_path / "b.geojson.gz").read_bytes()
+
+
+def test_memory_does_not_grow_with_the_number_of_features(tmp_path: Path) -> None:
+    line = json.dumps(feature(0), ensure_ascii=False, separators=(",", ":"))
+
+    def peak(count: int) -> int:
+        tracemalloc.start()
+        with GeoJsonWriter(tmp_path / f"{count}.geojson.gz") as writer:
+            for _ in range(count):
+                writer.write_raw(line)
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return top
+
+    small, large = peak(1_000), peak(20_000)
+    assert large < small + 256 * 1024, (small, large)

@@ -1,0 +1,71 @@
+"""Probability → labelled nuclei: splitting touching nuclei, small objects, ownership."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from wsiuda.geometry import Region
+from wsiuda.instances import centroids, label_nuclei, owned_nuclei, touching_edge
+
+
+def disks(shape: tuple[int, int], circles: list[tuple[int, int, int]]) -> np.ndarray:
+    probability = np.zeros(shape, np.float32)
+    for cy, cx, r in circles:
+        cv2.circle(probability, (cx, cy), r, 1.0, thickness=-1)
+    return probability
+
+
+def test_touching_nuclei_are_split_and_separate_ones_kept() -> None:
+    # Two disks overlapping by a third of their diameter, and one on its own.
+    probability = disks((120, 160), [(50, 40, 18), (50, 70, 18), (60, 130, 15)])
+    labels = label_nuclei(probability, split_depth_px=2.0)
+    assert labels.dtype == np.int32
+    assert labels.max() == 3
+    assert sorted(np.unique(labels).tolist()) == [0, 1, 2, 3]
+    # The pair splits near its neck (x = 55), each part about half the pair.
+    left, right = labels[50, 30], labels[50, 80]
+    assert left != right and left > 0 and right > 0
+    assert abs(int((labels == left).sum()) - int((labels == right).sum())) < 80
+
+
+def test_no_split_without_split_depth_and_no_split_of_a_round_nucleus() -> None:
+    probability = disks((120, 160), [(50, 40, 18), (50, 70, 18)])
+    assert label_nuclei(probability, split_depth_px=0).max() == 1
+    assert label_nuclei(disks((80, 80), [(40, 40, 25)]), split_depth_px=2.0).max() == 1
+
+
+def test_small_objects_are_dropped_and_holes_filled() -> None:
+    probability = disks((100, 100), [(30, 30, 15), (80, 80, 2)])
+    cv2.circle(probability, (30, 30), 4, 0.0, thickness=-1)  # a hole
+    labels = label_nuclei(probability, min_area_px=50)
+    assert labels.max() == 1
+    assert labels[30, 30] == 1 and labels[80, 80] == 0
+
+
+def test_threshold_applies_to_the_probability() -> None:
+    probability = disks((60, 60), [(30, 30, 10)]) * 0.6
+    assert label_nuclei(probability, threshold=0.5).max() == 1
+    assert label_nuclei(probability, threshold=0.7).max() == 0
+
+
+def test_centroids_and_edge_contact() -> None:
+    labels = np.zeros((50, 50), np.int32)
+    labels[10:21, 10:21] = 1  # centroid (15, 15)
+    labels[0:5, 30:40] = 2  # touches the top edge
+    ids, points = centroids(labels)
+    assert ids.tolist() == [1, 2]
+    np.testing.assert_allclose(points[0], [15.0, 15.0])
+    assert touching_edge(labels).tolist() == [2]
+
+
+def test_owned_nuclei_have_their_centroid_in_the_core_and_are_not_cut() -> None:
+    labels = np.zeros((100, 100), np.int32)
+    labels[20:31, 20:31] = 1  # centroid (25, 25): in the core
+    labels[45:56, 55:66] = 2  # centroid (50, 60): just outside (the core's x1 is 60, half-open)
+    labels[45:56, 40:51] = 3  # centroid (50, 45): in the core
+    labels[0:8, 30:40] = 4  # centroid in the core's rows but cut by the window edge
+    core = Region(0, 0, 60, 60)
+    ids, points = owned_nuclei(labels, core)
+    assert ids.tolist() == [1, 3]
+    assert points.shape == (2, 2)

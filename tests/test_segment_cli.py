@@ -1,0 +1,197 @@
+"""`wsiuda segment` from the command line: one-line errors, a batch going on past a bad slide, a Dask
+cluster at an address, and a real slide end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import shared_file
+from test_geojson import check_qupath_detection
+from test_segment import save_dark_model, write_slide
+
+from wsiuda.cli.main import cli
+from wsiuda.io.geojson import load_features
+
+
+def run(*args: str):  # type: ignore[no-untyped-def]
+    return CliRunner().invoke(cli, ["segment", *args])
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("Error:")]
+
+
+@pytest.fixture(scope="module")
+def dark_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_dark_model(tmp_path_factory.mktemp("models") / "dark.pt")
+
+
+@pytest.fixture(scope="module")
+def small_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from synthetic import synthetic_he
+
+    return write_slide(
+        tmp_path_factory.mktemp("slides") / "small.svs",
+        synthetic_he((256, 320), seed=5),
+        mpp=0.25,
+        app_mag=40,
+    )
+
+
+def test_a_bad_slide_is_reported_and_the_batch_goes_on(
+    tmp_path: Path, small_slide: Path, dark_model: Path
+) -> None:
+    bad = tmp_path / "broken.svs"
+    bad.write_bytes(b"II*\x00" + b"\x00" * 64)  # a TIFF header and nothing behind it
+    out = tmp_path / "out"
+    result = run(
+        str(bad), str(small_slide), "-o", str(out), "-m", str(dark_model), "--scheduler", "sync", "--no-crf"
+    )
+    assert result.exit_code == 1, result.output
+    (line,) = error_lines(result.output)
+    assert "broken.svs" in line
+    assert "Traceback" not in result.output
+    assert len(load_features(out / "small.geojson")) > 5
+    assert not (out / "broken.geojson").exists()
+
+
+def test_an_incompatible_model_file_is_one_line(tmp_path: Path, small_slide: Path) -> None:
+    model = tmp_path / "model.pt"
+    model.write_text("not a model")
+    result = run(str(small_slide), "-o", str(tmp_path / "n.geojson"), "-m", str(model))
+    assert result.exit_code == 2
+    (line,) = error_lines(result.output)
+    assert "model.pt" in line
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_an_unwritable_output_is_one_line(tmp_path: Path, small_slide: Path, dark_model: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = run(str(small_slide), "-o", str(blocker / "n.geojson"), "-m", str(dark_model))
+    assert result.exit_code == 2
+    (line,) = error_lines(result.output)
+    assert "a-file" in line and "-o" in line
+
+
+def test_one_file_output_for_several_slides_is_refused(
+    tmp_path: Path, small_slide: Path, dark_model: Path
+) -> None:
+    result = run(str(small_slide), str(small_slide), "-o", str(tmp_path / "n.geojson"), "-m", str(dark_model))
+    assert result.exit_code == 2
+    assert "folder" in error_lines(result.output)[0]
+
+
+def test_without_a_model_the_missing_default_is_one_line(tmp_path: Path, small_slide: Path) -> None:
+    from wsiuda.models import default_model_path
+
+    if default_model_path().is_file():
+        pytest.skip("a default model ships with this install")
+    result = run(str(small_slide), "-o", str(tmp_path / "n.geojson"))
+    assert result.exit_code == 2
+    (line,) = error_lines(result.output)
+    assert "-m" in line and "default model" in line
+
+
+def test_a_slide_without_mpp_asks_for_slide_mpp(tmp_path: Path, dark_model: Path) -> None:
+    import cv2
+    import numpy as np
+
+    image = tmp_path / "patch.png"
+    cv2.imwrite(str(image), np.full((128, 128, 3), 200, np.uint8))
+    result = run(str(image), "-o", str(tmp_path / "n.geojson"), "-m", str(dark_model), "--scheduler", "sync")
+    assert result.exit_code == 1
+    (line,) = error_lines(result.output)
+    assert "--slide-mpp" in line
+
+
+@pytest.mark.slow
+def test_runs_on_a_dask_cluster_at_an_address(tmp_path: Path, small_slide: Path, dark_model: Path) -> None:
+    """Two worker processes on loopback, started and stopped here; same GeoJSON as in-process."""
+    from distributed import LocalCluster
+
+    common = ["-m", str(dark_model), "--tile", "128", "--device", "cpu"]
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
+        remote = run(
+            str(small_slide),
+            "-o",
+            str(tmp_path / "a.geojson"),
+            "--scheduler",
+            cluster.scheduler_address,
+            *common,
+        )
+    assert remote.exit_code == 0, remote.output
+    local = run(str(small_slide), "-o", str(tmp_path / "b.geojson"), "--scheduler", "sync", *common)
+    assert local.exit_code == 0, local.output
+    assert len(load_features(tmp_path / "a.geojson")) > 5
+    assert (tmp_path / "a.geojson").read_bytes() == (tmp_path / "b.geojson").read_bytes()
+
+
+def test_an_unreachable_scheduler_is_one_line(tmp_path: Path, small_slide: Path, dark_model: Path) -> None:
+    import dask
+
+    args = [str(small_slide), "-o", str(tmp_path / "n.geojson"), "-m", str(dark_model)]
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        result = run(*args, "--scheduler", "tcp://127.0.0.1:9")
+    assert result.exit_code == 2
+    assert "scheduler" in error_lines(result.output)[0]
+
+
+@pytest.mark.realdata
+def test_cmu1_segments_end_to_end(shared: Path, tmp_path: Path, dark_model: Path) -> None:
+    """The real 20x SVS in this process, CRF on, at 2 µm/px so it stays quick."""
+    slide = shared_file(shared, "slides/CMU-1-Small-Region.svs")
+    out = tmp_path / "cmu1.geojson"
+    result = run(
+        str(slide),
+        "-o",
+        str(out),
+        "-m",
+        str(dark_model),
+        "--mpp",
+        "2.0",
+        "--tile",
+        "256",
+        "--scheduler",
+        "sync",
+    )
+    assert result.exit_code == 0, result.output
+    features = load_features(out)
+    assert len(features) > 20
+    for item in features:
+        check_qupath_detection(item)
+    summary = json.loads((tmp_path / "cmu1.summary.json").read_text())
+    assert summary["nuclei"] == len(features) and summary["crf"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_cmu1_segments_end_to_end_on_a_local_cluster(shared: Path, tmp_path: Path, dark_model: Path) -> None:
+    """The real 20x SVS through the default local cluster (two worker processes) with the CRF on.
+
+    The darkness U-Net stands in for a trained model; --mpp 1 keeps it fast (the coordinates must still be
+    level-0 pixels of the slide).
+    """
+    slide = shared_file(shared, "slides/CMU-1-Small-Region.svs")
+    out = tmp_path / "cmu1.geojson.gz"
+    result = run(
+        str(slide), "-o", str(out), "-m", str(dark_model), "--mpp", "1.0", "--tile", "256", "--workers", "2"
+    )
+    assert result.exit_code == 0, result.output
+    features = load_features(out)
+    assert len(features) > 100
+    xs = [x for f in features for x, _ in f["geometry"]["coordinates"][0]]
+    ys = [y for f in features for _, y in f["geometry"]["coordinates"][0]]
+    assert min(xs) >= 0 and max(xs) <= 2220 and min(ys) >= 0 and max(ys) <= 2967
+    assert max(xs) > 1500 and max(ys) > 2000  # spread over the slide, not squeezed into the working grid
+    summary = json.loads((tmp_path / "cmu1.summary.json").read_text())
+    assert summary["nuclei"] == len(features)
+    assert summary["crf"] is True and summary["timings_s"]["crf"] > 0
+    assert summary["slide"]["mpp"] == pytest.approx(0.499, abs=1e-3)
+    assert os.path.getsize(tmp_path / "cmu1.overlay.png") > 10_000

@@ -1,0 +1,145 @@
+"""Dense CRF refinement of a foreground-probability tile (Krähenbühl & Koltun 2011, via pydensecrf).
+
+Two kernels act on the two labels (background, nucleus): an appearance kernel that pulls pixels of similar
+colour within ``theta_alpha`` pixels towards one label (weight ``w1``, colour scale ``theta_beta``), and a
+smoothness kernel that removes small isolated regions (weight ``w2``, reach ``theta_gamma``). The defaults
+(w1=10, θα=20, θβ=13, w2=3, θγ=3, 5 mean-field iterations) are those of the paper's group.
+
+Kernel widths are in pixels of the grid the CRF runs on (the working mpp), so a 20x slide worked at 40x
+keeps the same physical reach. Two faster modes trade a little agreement for speed: ``downsample`` runs
+the CRF on a coarser grid (kernel widths scaled to keep the same physical reach) and
+``uncertain_margin`` runs it only on blocks that hold pixels whose probability is within the margin of
+0.5, keeping the network's probability elsewhere. On dense tissue nearly every block holds such pixels and
+each block is read with the kernel reach around it, so that mode is slower than the full CRF there; it
+pays only on sparse tissue (benchmarks/results/segment_throughput.md). ``wsiuda segment`` uses
+``downsample=2``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from wsiuda.errors import ConfigError
+
+# A Gaussian kernel is cut where it has fallen below exp(-truncate²/2) of its peak (1.1% at 3σ).
+KERNEL_TRUNCATE = 3.0
+# Probabilities are kept off 0 and 1 so that the unary energy -log p stays finite.
+_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class CrfParams:
+    """Parameters of the dense CRF; widths are in pixels of the grid the probability map is on."""
+
+    w1: float = 10.0
+    """Weight of the appearance (bilateral) kernel."""
+    theta_alpha: float = 20.0
+    """Spatial width of the appearance kernel, px."""
+    theta_beta: float = 13.0
+    """Colour width of the appearance kernel, in 0-255 RGB units."""
+    w2: float = 3.0
+    """Weight of the smoothness (Gaussian) kernel."""
+    theta_gamma: float = 3.0
+    """Spatial width of the smoothness kernel, px."""
+    iterations: int = 5
+    """Mean-field iterations."""
+    downsample: int = 1
+    """Run the CRF on a grid this many times coarser (1: full resolution)."""
+    uncertain_margin: float | None = None
+    """If set, refine only blocks holding pixels with |p - 0.5| < margin; elsewhere keep p."""
+    block: int = 128
+    """Block size in px for ``uncertain_margin``."""
+
+    def __post_init__(self) -> None:
+        for name in ("w1", "w2"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"CRF {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("theta_alpha", "theta_beta", "theta_gamma"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"CRF {name} must be > 0, got {getattr(self, name)}")
+        if self.iterations < 1:
+            raise ConfigError(f"CRF iterations must be >= 1, got {self.iterations}")
+        if self.downsample < 1:
+            raise ConfigError(f"CRF downsample must be >= 1, got {self.downsample}")
+        if self.uncertain_margin is not None and not 0 < self.uncertain_margin <= 0.5:
+            raise ConfigError(f"CRF uncertain_margin must be in (0, 0.5], got {self.uncertain_margin}")
+        if self.block < 8:
+            raise ConfigError(f"CRF block must be >= 8 px, got {self.block}")
+
+
+def crf_reach_px(params: CrfParams) -> int:
+    """How far (px) the CRF lets one pixel's value influence another: the widest kernel, truncated.
+
+    This is the CRF's share of a tile's halo: beyond it a tile's CRF result no longer depends on what lies
+    outside the tile.
+    """
+    return math.ceil(KERNEL_TRUNCATE * max(params.theta_alpha, params.theta_gamma))
+
+
+def dense_crf(image: np.ndarray, probability: np.ndarray, params: CrfParams) -> np.ndarray:
+    """Refine a foreground probability map with a dense CRF.
+
+    ``image`` is uint8 RGB (H, W, 3) and ``probability`` float (H, W) in [0, 1] on the same grid. Returns the
+    CRF's foreground marginal, float32 (H, W).
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+    if probability.shape != image.shape[:2]:
+        raise ValueError(f"probability {probability.shape} does not match image {image.shape[:2]}")
+    probability = np.asarray(probability, dtype=np.float32)
+    if params.uncertain_margin is None:
+        return _crf_resampled(image, probability, params)
+
+    # Refine only blocks holding uncertain pixels, each read with a margin of the kernel reach so that its
+    # result does not depend on the cut; confident blocks keep the network's probability.
+    out = probability.copy()
+    uncertain = np.abs(probability - 0.5) < params.uncertain_margin
+    reach = crf_reach_px(params)
+    height, width = probability.shape
+    step = params.block
+    for y in range(0, height, step):
+        for x in range(0, width, step):
+            if not uncertain[y : y + step, x : x + step].any():
+                continue
+            y0, x0 = max(y - reach, 0), max(x - reach, 0)
+            y1, x1 = min(y + step + reach, height), min(x + step + reach, width)
+            refined = _crf_resampled(image[y0:y1, x0:x1], probability[y0:y1, x0:x1], params)
+            out[y : y + step, x : x + step] = refined[y - y0 : y - y0 + step, x - x0 : x - x0 + step]
+    return out
+
+
+def _crf_resampled(image: np.ndarray, probability: np.ndarray, params: CrfParams) -> np.ndarray:
+    factor = params.downsample
+    if factor == 1:
+        return _crf(image, probability, params)
+    height, width = probability.shape
+    small = (max(round(width / factor), 1), max(round(height / factor), 1))
+    image_small = cv2.resize(image, small, interpolation=cv2.INTER_AREA)
+    prob_small = cv2.resize(probability, small, interpolation=cv2.INTER_AREA)
+    refined = _crf(image_small, prob_small, params, spatial_scale=1.0 / factor)
+    return np.asarray(cv2.resize(refined, (width, height), interpolation=cv2.INTER_LINEAR), dtype=np.float32)
+
+
+def _crf(
+    image: np.ndarray, probability: np.ndarray, params: CrfParams, *, spatial_scale: float = 1.0
+) -> np.ndarray:
+    import pydensecrf.densecrf as dcrf  # a compiled extension, loaded only where the CRF runs
+
+    height, width = probability.shape
+    foreground = np.clip(probability, _EPS, 1.0 - _EPS)
+    unary = -np.log(np.stack([1.0 - foreground, foreground]).reshape(2, -1))
+    crf = dcrf.DenseCRF2D(width, height, 2)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
+    crf.addPairwiseGaussian(sxy=params.theta_gamma * spatial_scale, compat=params.w2)
+    crf.addPairwiseBilateral(
+        sxy=params.theta_alpha * spatial_scale,
+        srgb=params.theta_beta,
+        rgbim=np.ascontiguousarray(image),
+        compat=params.w1,
+    )
+    marginals = np.asarray(crf.inference(params.iterations), dtype=np.float32)
+    return np.ascontiguousarray(marginals[1].reshape(height, width))

@@ -1,0 +1,135 @@
+"""Foreground probability → labelled nuclei, with touching nuclei split, and which block owns which nucleus.
+
+Touching nuclei are split by a marker-controlled watershed on the distance transform: each nucleus is a
+dome of distance values, and domes whose peak stands at least ``split_depth_px`` above the saddle to
+their neighbour become separate markers (h-maxima). Everything here is a pure function of the arrays it
+is given, so a nucleus seen whole by two overlapping windows gets the same outline in both.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.segmentation import watershed
+
+from wsiuda.blocks import is_responsible
+from wsiuda.geometry import Region
+
+# The distance transform is quantised to this many levels per pixel so that the h-maxima reconstruction
+# runs on uint8 with OpenCV (20x faster than on floats); distances saturate at 255 / levels px.
+_LEVELS_PER_PX = 2
+_KERNEL = np.ones((3, 3), np.uint8)
+
+
+def label_nuclei(
+    probability: np.ndarray,
+    *,
+    threshold: float = 0.5,
+    min_area_px: int = 0,
+    split_depth_px: float = 2.0,
+) -> np.ndarray:
+    """Label the nuclei of a probability map: int32 (H, W), 0 background, 1..n nuclei.
+
+    Foreground is ``probability > threshold`` with holes filled; nuclei smaller than ``min_area_px`` are
+    dropped; ``split_depth_px`` is how much narrower (in px of half-width) the neck between two touching
+    nuclei must be than the thinner of them for the two to be split (0 disables splitting).
+    """
+    if probability.ndim != 2:
+        raise ValueError(f"probability must be 2-D, got shape {probability.shape}")
+    foreground = ndi.binary_fill_holes(probability > threshold)
+    labels = np.zeros(probability.shape, np.int32)
+    if not foreground.any():
+        return labels
+    # Work inside the foreground's bounding box: the rest of a tile is often background.
+    rows = np.flatnonzero(foreground.any(axis=1))
+    cols = np.flatnonzero(foreground.any(axis=0))
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    labels[box] = _split(foreground[box], split_depth_px=split_depth_px)
+    return _drop_small(labels, min_area_px)
+
+
+def _split(foreground: np.ndarray, *, split_depth_px: float) -> np.ndarray:
+    mask = foreground.astype(np.uint8)
+    # Pad by one background pixel so that a nucleus cut by the box edge is still measured from its edge.
+    padded = cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    distance = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+    if split_depth_px <= 0:
+        _, components = cv2.connectedComponents(mask, connectivity=8)
+        return components.astype(np.int32)
+    levels = np.clip(np.rint(distance * _LEVELS_PER_PX), 0, 255).astype(np.uint8)
+    depth = max(round(split_depth_px * _LEVELS_PER_PX), 1)
+    domes = cv2.subtract(levels, _reconstruct(cv2.subtract(levels, np.full_like(levels, depth)), levels))
+    _, markers = cv2.connectedComponents((domes >= depth).astype(np.uint8), connectivity=8)
+    labels = watershed(-distance, markers, mask=foreground).astype(np.int32)
+    # Specks thinner than the split depth hold no marker: they become nuclei of their own.
+    unmarked = foreground & (labels == 0)
+    if unmarked.any():
+        _, rest = cv2.connectedComponents(unmarked.astype(np.uint8), connectivity=8)
+        labels[unmarked] = rest[unmarked] + labels.max()
+    return labels
+
+
+def _reconstruct(marker: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Grey-scale reconstruction by dilation of ``marker`` under ``mask`` (uint8, geodesic 3x3 steps)."""
+    current = marker
+    while True:
+        previous = current
+        for _ in range(8):  # check convergence every few steps: the check costs as much as a step
+            current = cv2.min(cv2.dilate(current, _KERNEL), mask)
+        if cv2.norm(previous, current, cv2.NORM_INF) == 0:
+            return current
+
+
+def _drop_small(labels: np.ndarray, min_area_px: int) -> np.ndarray:
+    """Remove nuclei under ``min_area_px`` and renumber the rest 1..n, keeping their order."""
+    areas = np.bincount(labels.ravel())
+    keep = areas >= max(min_area_px, 1)
+    keep[0] = False
+    lookup = np.zeros(len(areas), np.int32)
+    lookup[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return lookup[labels]
+
+
+def centroids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ids 1..n of the labelled nuclei and their centroids, float64 (n, 2) as (y, x) pixel indices."""
+    count = int(labels.max())
+    if count == 0:
+        return np.zeros(0, np.int64), np.zeros((0, 2))
+    ys, xs = np.nonzero(labels)
+    ids = labels[ys, xs]
+    area = np.bincount(ids, minlength=count + 1)[1:]
+    sum_y = np.bincount(ids, weights=ys, minlength=count + 1)[1:]
+    sum_x = np.bincount(ids, weights=xs, minlength=count + 1)[1:]
+    present = area > 0
+    ids_present = np.arange(1, count + 1)[present]
+    return ids_present, np.stack([sum_y[present], sum_x[present]], axis=1) / area[present, None]
+
+
+def touching_edge(labels: np.ndarray) -> np.ndarray:
+    """Ids of nuclei that touch the array's edge: their extent may continue outside it."""
+    edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    return np.unique(edge[edge > 0])
+
+
+def owned_nuclei(
+    labels: np.ndarray,
+    core: Region,
+    *,
+    ids: np.ndarray | None = None,
+    points: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The nuclei this block owns: centroid in ``core`` (given in the labels' frame), not cut by the edge.
+
+    Returns their ids and centroids (y, x) in the labels' frame; pass ``ids`` and ``points`` from
+    :func:`centroids` to reuse them. A nucleus cut by the window's edge is left out: with a halo of at least
+    the largest nucleus, the block that owns it sees it whole.
+    """
+    if ids is None or points is None:
+        ids, points = centroids(labels)
+    cut = set(touching_edge(labels).tolist())
+    keep = np.array(
+        [int(i) not in cut and is_responsible(core, y, x) for i, (y, x) in zip(ids, points, strict=True)],
+        dtype=bool,
+    ).reshape(-1)
+    return ids[keep], points[keep]
