@@ -1,0 +1,26 @@
+"""The model that ships in wsiuda/weights: it loads safely and finds nuclei."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from synthetic import NUCLEUS, synthetic_he
+
+from wsiuda.models import Segmenter, default_model_path
+
+pytestmark = pytest.mark.skipif(not default_model_path().is_file(), reason="no default model in this install")
+
+
+def test_default_model_loads_with_its_metadata() -> None:
+    segmenter = Segmenter.load_default(device="cpu")
+    assert segmenter.meta.mpp == 0.25
+    assert segmenter.meta.receptive_field_px > 0
+    assert {item["name"] for item in segmenter.meta.training_data}, "the model file names its training data"
+
+
+def test_default_model_scores_nuclei_above_background() -> None:
+    image = synthetic_he((256, 256), seed=3)
+    nuclei = np.all(np.abs(image.astype(int) - NUCLEUS).max(axis=-1, keepdims=True) < 40, axis=-1)
+    probability = Segmenter.load_default(device="cpu").predict(image[None])[0]
+    assert probability.shape == image.shape[:2]
+    assert probability[nuclei].mean() > probability[~nuclei].mean() + 0.3
