@@ -8,9 +8,7 @@ name and renamed, so a reader never sees half a file.
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wsiuda.config import atomic_output
 from wsiuda.errors import ModelError
 from wsiuda.models.meta import ModelMeta
 from wsiuda.models.unet import build_unet
@@ -34,15 +33,8 @@ def build_network(meta: ModelMeta) -> nn.Module:
 
 
 def atomic_torch_save(obj: dict[str, Any], path: Path) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(Path(path)) as tmp:
+        torch.save(obj, tmp)
 
 
 def cpu_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:

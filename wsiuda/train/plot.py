@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from wsiuda.config import atomic_output
 
 LOSS_KEYS = (
     "dice", "bce", "em_source", "em_target", "consistency", "consistency_source",
@@ -45,11 +45,5 @@ def plot_history(history: Sequence[dict[str, Any]], path: Path) -> None:
     right.set_xlabel("epoch")
     right.legend(fontsize=7)
     figure.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         figure.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
