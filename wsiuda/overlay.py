@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from wsiuda.config import atomic_output
 from wsiuda.errors import OutputError
 
 OUTLINE_COLOR = (0, 255, 0)
@@ -48,14 +47,7 @@ def write_png(path: Path | str, image: np.ndarray) -> None:
     if not ok:
         raise OutputError(f"cannot encode the overlay for {path}")
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with atomic_output(path) as tmp:
+            tmp.write_bytes(encoded.tobytes())
     except OSError as error:
         raise OutputError(f"cannot write {path}: {error.strerror}; choose a writable folder") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(encoded.tobytes())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
