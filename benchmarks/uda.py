@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -51,10 +50,13 @@ from wsiuda.errors import ConfigError, WsiudaError
 from wsiuda.metrics import mean_std
 from wsiuda.pipelines.evaluate import labelled_pairs, score_pairs
 
-log = logging.getLogger("uda")
-
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from common import cpu_model  # noqa: E402
+
+log = logging.getLogger("uda")
 CACHE_VERSION = 1
 ROLES = ("train", "val", "test")
 VARIANTS = ("network", "crf")
@@ -277,14 +279,7 @@ def hardware(device: str) -> tuple[str, str]:
     from wsiuda.models import resolve_device
 
     resolved = resolve_device(device)
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or cpu
+    cpu = cpu_model()
     cores = os.cpu_count()
     if resolved.type == "cuda":
         name = torch.cuda.get_device_name(resolved)

@@ -32,10 +32,11 @@ def slide_mpp_option() -> Callable[[F], F]:
 def backend_option() -> Callable[[F], F]:
     return click.option(
         "--backend",
-        type=click.Choice(["openslide", "tiffslide"]),
-        default="openslide",
+        type=click.Choice(["auto", "openslide", "tiffslide"]),
+        default="auto",
         show_default=True,
-        help="Slide reader for pyramidal files (plain images are read directly).",
+        help="Slide reader for pyramidal files: auto reads TIFF-based slides (SVS, generic TIFF) with "
+        "tiffslide and everything else with OpenSlide. Plain images are read directly.",
     )
 
 

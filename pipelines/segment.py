@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -40,6 +41,7 @@ from wsiuda.crf import CrfParams, crf_reach_px, dense_crf
 from wsiuda.errors import ConfigError, ModelError, OutputError, SlideError, WsiudaError
 from wsiuda.geometry import Region
 from wsiuda.instances import centroids, label_nuclei, owned_nuclei
+from wsiuda.io.dispatch import BACKENDS
 from wsiuda.io.geojson import GEOJSON_SUFFIXES, GeoJsonWriter, dump_feature, feature_id, nucleus_feature
 from wsiuda.io.maskstore import MaskStore, label_dtype
 from wsiuda.polygons import nucleus_polygons
@@ -80,7 +82,7 @@ class SegmentConfig:
     mpp: float | None = None
     """Working resolution, µm/px; None takes the model's."""
     slide_mpp: float | None = None
-    backend: str = "openslide"
+    backend: str = "auto"
     tile: int = 1024
     """Core tile side at the working mpp, px (the halo comes on top)."""
     batch_size: int | None = None
@@ -129,8 +131,8 @@ class SegmentConfig:
             raise ConfigError(f"min tissue must be in [0, 1], got {self.min_tissue}")
         if self.min_nucleus_area_um2 < 0 or self.split_depth_um < 0:
             raise ConfigError("nucleus area and split depth must be non-negative")
-        if self.backend not in ("openslide", "tiffslide"):
-            raise ConfigError(f"unknown --backend {self.backend!r} (openslide or tiffslide)")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown --backend {self.backend!r} (one of {', '.join(BACKENDS)})")
         if isinstance(self.crf_params, dict):  # rebuilt from YAML
             object.__setattr__(self, "crf_params", CrfParams(**self.crf_params))
 
@@ -168,16 +170,19 @@ class ModelPredictor:
 
 
 _SEGMENTERS: dict[tuple[str, str], Any] = {}
+_SEGMENTERS_LOCK = threading.Lock()
+_NETWORK_LOCK = threading.Lock()
 
 
 def load_segmenter(path: str, device: str) -> Any:
-    """The Segmenter of a model file, loaded once per process."""
+    """The Segmenter of a model file, loaded once per process and shared by its task threads."""
     key = (str(path), device)
-    if key not in _SEGMENTERS:
-        from wsiuda.models import Segmenter
+    with _SEGMENTERS_LOCK:
+        if key not in _SEGMENTERS:
+            from wsiuda.models import Segmenter
 
-        _SEGMENTERS[key] = Segmenter.load(path, device=device)
-    return _SEGMENTERS[key]
+            _SEGMENTERS[key] = Segmenter.load(path, device=device)
+        return _SEGMENTERS[key]
 
 
 def describe_model(path: str, device: str) -> tuple[float, int, int, str]:
@@ -234,7 +239,7 @@ class SourceSpec:
 
     path: str
     kind: str  # "slide" or "tiles"
-    backend: str = "openslide"
+    backend: str = "auto"
     slide_mpp: float | None = None
 
     @property
@@ -365,7 +370,7 @@ class SlideJob:
     """How far an owned nucleus can reach past the core (the nucleus share of the halo)."""
     crf_reach_px: int
     threads: int = 0
-    """OpenCV threads in the worker (0: OpenCV's default); workers sharing a machine each take their share."""
+    """OpenCV threads per task (0: OpenCV's default); tasks sharing a machine compute on one thread each."""
 
 
 @dataclass(frozen=True)
@@ -400,11 +405,12 @@ def process_blocks(
     finally:
         reader.close()
     read_s = (time.perf_counter() - clock) / len(blocks)
-    clock = time.perf_counter()
-    probabilities = np.asarray(predictor(images), dtype=np.float32)
+    with _NETWORK_LOCK:  # one task of this process in the network at a time, on all its threads
+        clock = time.perf_counter()
+        probabilities = np.asarray(predictor(images), dtype=np.float32)
+        predict_s = (time.perf_counter() - clock) / len(blocks)
     if probabilities.shape != images.shape[:3]:
         raise ModelError(f"the model returned {probabilities.shape} for images {images.shape[:3]}")
-    predict_s = (time.perf_counter() - clock) / len(blocks)
     store = MaskStore.open(job.store)
     total = 0
     for block, image, probability, crop in zip(blocks, images, probabilities, tissue, strict=True):
@@ -769,16 +775,13 @@ def _runner(config: SegmentConfig) -> Iterator[Runner]:
         yield run_distributed
 
 
-# What one worker holds at its peak: torch, the model and one 1024-tile window in the network.
+# What one worker holds at its peak: torch, the model and one 1024-tile window in the network (one task at a
+# time is in the network, see _threads_per_worker).
 WORKER_MEMORY_BYTES = 1.5e9
 
 
 def local_workers(config: SegmentConfig) -> int:
-    """Worker processes of the local cluster: --workers, else one per 2 cores as far as memory allows.
-
-    Two threads per worker let the network use both while the CRF and the polygons (single-threaded) run
-    between its batches; more workers than memory allows would swap.
-    """
+    """Worker processes of the local cluster: --workers, else one per 2 cores as far as memory allows."""
     if config.workers:
         return config.workers
     import psutil
@@ -789,6 +792,15 @@ def local_workers(config: SegmentConfig) -> int:
 
 
 def _threads_per_worker(config: SegmentConfig) -> int:
+    """Tasks a worker runs at once (0: in this process, one at a time).
+
+    A local worker runs one task per core it owns. Only one of them is in the network at a time (a lock in
+    :func:`process_blocks`), using all those cores, while the others read, run the CRF and trace nuclei
+    on one thread each: the single-threaded steps fill the gaps of the network instead of leaving cores
+    idle, and memory stays at one window in the network per worker. (Two single-threaded forward passes
+    at once are no faster on this kind of CPU: they contend for memory bandwidth.) A worker of an existing
+    cluster keeps one task at a time, as its threads are that cluster's to set.
+    """
     if config.scheduler == SCHEDULER_SYNC:
         return 0
     if config.scheduler:
@@ -815,16 +827,16 @@ def _client(config: SegmentConfig) -> Iterator[Any]:
             client.close()
         return
     workers = local_workers(config)
-    threads = str(_threads_per_worker(config))
-    # One task at a time per worker process; torch in each worker gets its share of the cores.
+    threads = _threads_per_worker(config)
+    # torch in each worker gets the worker's share of the cores (it reads these when it starts).
     environ = {
-        f"distributed.nanny.pre-spawn-environ.{name}": threads
+        f"distributed.nanny.pre-spawn-environ.{name}": str(threads)
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
     }
     with dask.config.set(environ):
         cluster = LocalCluster(
             n_workers=workers,
-            threads_per_worker=1,
+            threads_per_worker=threads,
             processes=True,
             dashboard_address=None,
             silence_logs=logging.ERROR,
@@ -897,7 +909,7 @@ def _prepare(
         split_depth_px=config.split_depth_um / working_mpp,
         nucleus_reach_px=reach,
         crf_reach_px=crf_reach_px(crf) if crf is not None else 0,
-        threads=_threads_per_worker(config),
+        threads=1 if _threads_per_worker(config) else 0,
     )
     crops = [_tissue_crop(geometry.tissue, block.core, scale) for block in todo]
     size = config.batch_size or network.batch_size

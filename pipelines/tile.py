@@ -9,6 +9,7 @@ all its tiles exist. Bad slides are recorded and skipped; the others finish.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import time
@@ -27,6 +28,7 @@ from wsiuda.config import config_to_dict, save_config
 from wsiuda.errors import ConfigError, OutputError, SlideError, WsiudaError
 from wsiuda.geometry import Region
 from wsiuda.io import SlideReader, open_slide
+from wsiuda.io.dispatch import BACKENDS
 from wsiuda.io.store import CODECS, TileStore, is_tile_store
 from wsiuda.tiling import (
     effective_downsample,
@@ -57,7 +59,7 @@ class TileConfig:
 
     mpp: float = 0.25
     slide_mpp: float | None = None
-    backend: str = "openslide"
+    backend: str = "auto"
     tile: int = 512
     halo: int = 32
     min_tissue: float = 0.1
@@ -67,7 +69,7 @@ class TileConfig:
     tissue_max_side: int = 2048
     workers: int | None = None
     batch: int | None = None
-    """Tiles per task; None: about 8 tasks per worker and slide, 16-256 tiles each (:func:`batch_size`)."""
+    """Tiles per task; None: runs of 16-256 tiles that shrink towards the end (:func:`batch_sizes`)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -75,8 +77,8 @@ class TileConfig:
             problems.append(f"--mpp must be positive, got {self.mpp}")
         if self.slide_mpp is not None and not self.slide_mpp > 0:
             problems.append(f"--slide-mpp must be positive, got {self.slide_mpp}")
-        if self.backend not in ("openslide", "tiffslide"):
-            problems.append(f"--backend must be openslide or tiffslide, got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            problems.append(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if not 16 <= self.tile <= 8192:
             problems.append(f"--tile must be 16-8192 px, got {self.tile}")
         if not 0 <= self.halo <= self.tile:
@@ -316,16 +318,28 @@ def clear_worker_caches() -> None:
 
 
 # -------------------------------------------------------------------------------------------- pipeline
-def batch_size(pending: int, config: TileConfig) -> int:
-    """Tiles per task: contiguous runs in row-major order.
+def batch_sizes(pending: int, config: TileConfig) -> list[int]:
+    """Tiles per task, in task order: contiguous runs in row-major order, long first, shorter at the end.
 
-    Long runs let a worker's decoded-tile cache serve the halo rows shared with the row above; enough
-    tasks per worker (about 8) keep the load even and the progress bar moving.
+    Long runs let a worker's decoded-tile cache serve the halo rows shared with the row above. Each run is
+    about a quarter of what is left per worker (16-256 tiles), so the runs shrink as the work runs out and
+    the workers finish within a short run of each other.
     """
     if config.batch is not None:
-        return config.batch
+        return [min(config.batch, pending - start) for start in range(0, pending, config.batch)]
     workers = config.workers or os.cpu_count() or 1
-    return int(min(256, max(16, -(-pending // (8 * workers)))))
+    sizes = []
+    left = pending
+    while left > 0:
+        size = min(left, int(min(256, max(16, -(-left // (4 * workers))))))
+        sizes.append(size)
+        left -= size
+    return sizes
+
+
+def _runs(sizes: list[int]) -> list[tuple[int, int]]:
+    """(size, end) of consecutive runs of the given sizes."""
+    return list(zip(sizes, itertools.accumulate(sizes), strict=True))
 
 
 def _warm_worker() -> None:
@@ -466,10 +480,9 @@ def _tile_all(
         plans.append((len(results) - 1, outcome))
 
     tasks = [
-        (slot, plan, plan.pending[start : start + size])
+        (slot, plan, plan.pending[start - size : start])
         for slot, plan in plans
-        for size in [batch_size(len(plan.pending), config)]
-        for start in range(0, len(plan.pending), size)
+        for size, start in _runs(batch_sizes(len(plan.pending), config))
     ]
     outcomes = _run_tasks(tasks, config, pool=pool, progress=progress) if tasks else []
     for (slot, _, _), (written, problem, seconds) in zip(tasks, outcomes, strict=True):

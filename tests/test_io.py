@@ -31,13 +31,33 @@ def test_synthetic_slide_metadata_through_both_backends(synthetic_slide: Path) -
 def test_both_backends_read_identical_pixels(synthetic_slide: Path, level: int) -> None:
     # Both decode the JPEG tiles with libjpeg-turbo and this pyramid's downsamples are exact integers, so
     # the pixels agree exactly (OpenSlide would interpolate at fractional level offsets; none here).
-    with open_slide(synthetic_slide) as a, open_slide(synthetic_slide, backend="tiffslide") as b:
+    with (
+        open_slide(synthetic_slide, backend="openslide") as a,
+        open_slide(synthetic_slide, backend="tiffslide") as b,
+    ):
         height, width = a.info.level_shapes[level]
         region = Region(height // 3, width // 5, height // 2, width // 2)
         pixels_a = a.read_level(region, level=level)
         pixels_b = b.read_level(region, level=level)
     assert pixels_a.shape == (height // 2, width // 2, 3) and pixels_a.dtype == np.uint8
     np.testing.assert_array_equal(pixels_a, pixels_b)
+
+
+def test_auto_backend_reads_tiff_slides_with_tiffslide_and_falls_back_to_openslide(
+    synthetic_slide: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open_slide(synthetic_slide) as reader:
+        assert reader.info.backend == "tiffslide"
+
+    import wsiuda.io.backends
+
+    def refuse(path: Path) -> None:
+        raise SlideError(f"{path}: tiffslide cannot read this slide (test)")
+
+    monkeypatch.setattr(wsiuda.io.backends, "TiffSlideReader", refuse)
+    with open_slide(synthetic_slide, backend="auto") as reader:
+        assert reader.info.backend == "openslide"
+        assert reader.read_level(Region(0, 0, 8, 8), level=0).shape == (8, 8, 3)
 
 
 def test_read_region_is_level0_yx_and_white_outside(synthetic_slide: Path) -> None:
@@ -105,7 +125,7 @@ def _one_line_error(path: Path, **kwargs: object) -> str:
     return message
 
 
-@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+@pytest.mark.parametrize("backend", ["auto", "openslide", "tiffslide"])
 def test_missing_file(tmp_path: Path, backend: str) -> None:
     assert "no such file" in _one_line_error(tmp_path / "absent.svs", backend=backend)
 
@@ -117,13 +137,13 @@ def test_folder_and_empty_file(tmp_path: Path) -> None:
     assert "empty" in _one_line_error(empty)
 
 
-@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+@pytest.mark.parametrize("backend", ["auto", "openslide", "tiffslide"])
 def test_text_file_named_svs_is_not_a_slide(backend: str) -> None:
     message = _one_line_error(DATA / "not-a-slide.svs", backend=backend)
     assert "slide" in message
 
 
-@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+@pytest.mark.parametrize("backend", ["auto", "openslide", "tiffslide"])
 def test_truncated_slide_is_refused_before_reading(backend: str) -> None:
     # tests/data/truncated.svs: the first 6000 bytes of a 2-level synthetic SVS.
     assert "truncated" in _one_line_error(DATA / "truncated.svs", backend=backend)
@@ -156,7 +176,7 @@ def test_cmu1_reads_with_mpp_through_both_backends(shared: Path) -> None:
     from conftest import shared_file
 
     path = shared_file(shared, "slides/CMU-1-Small-Region.svs")
-    with open_slide(path) as a, open_slide(path, backend="tiffslide") as b:
+    with open_slide(path, backend="openslide") as a, open_slide(path, backend="tiffslide") as b:
         assert a.info.mpp == pytest.approx(0.499, abs=1e-3)
         assert a.info.shape == b.info.shape == (2967, 2220)  # (height, width)
         region = Region(1000, 1000, 256, 256)
@@ -171,7 +191,7 @@ def test_jpeg2000_svs_without_mpp_opens_and_reports_none(shared: Path) -> None:
     from conftest import shared_file
 
     path = shared_file(shared, "slides/tcga-cr-7395-01a-01-ts1.svs")
-    for backend in ("openslide", "tiffslide"):
+    for backend in ("auto", "openslide", "tiffslide"):
         with open_slide(path, backend=backend) as reader:
             assert reader.info.mpp is None
             assert reader.info.level_count == 2

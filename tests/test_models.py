@@ -21,6 +21,7 @@ from wsiuda.models import (
     save_model,
     unet_receptive_field,
 )
+from wsiuda.models.unet import fold_batchnorm
 
 torch.set_num_threads(1)
 
@@ -47,6 +48,29 @@ def test_receptive_field_bounds_the_measured_gradient_support() -> None:
     assert field == 44
     assert field // 2 < extent <= field
     assert tiny_meta().receptive_field_px == 44
+
+
+def test_folding_batchnorm_keeps_the_output_and_leaves_the_network_alone() -> None:
+    torch.manual_seed(0)
+    net = build_unet(width=4, depth=2)
+    net.train()
+    for _ in range(3):  # running statistics and affine weights away from their initial 0/1
+        net(torch.randn(2, 3, 32, 32) * 3 + 1)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(module.weight, 0.5, 2.0)
+            torch.nn.init.uniform_(module.bias, -1.0, 1.0)
+    net.eval()
+    folded = fold_batchnorm(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    # Five double convolutions at depth 2 (two down, the bottleneck, two up), two BatchNorms each.
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 10
+    x = torch.randn(2, 3, 40, 48)
+    with torch.no_grad():
+        expected, got = net(x), folded(x)
+    # The BatchNorms moved into the convolutions: the weights changed, the function did not.
+    assert not torch.allclose(folded.down[0][0].weight, net.down[0][0].weight)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_discriminator_scores_patches_of_the_probability_map() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -43,7 +44,8 @@ def test_tiles_equal_direct_reads_and_metadata_is_complete(synthetic_slide: Path
     attrs = store.attrs
     assert attrs["source"]["path"] == str(synthetic_slide.resolve())
     assert attrs["source"]["size"] == synthetic_slide.stat().st_size and "mtime" in attrs["source"]
-    assert (attrs["backend"], attrs["slide_mpp"], attrs["target_mpp"]) == ("openslide", 0.25, 0.25)
+    # --backend auto reads a TIFF-based slide with tiffslide; the store records the reader actually used.
+    assert (attrs["backend"], attrs["slide_mpp"], attrs["target_mpp"]) == ("tiffslide", 0.25, 0.25)
     assert (attrs["scale"], attrs["level_read"]) == (1.0, 0)
     assert attrs["grid"]["rows"] == 8 and attrs["grid"]["cols"] == 10
     assert attrs["config"]["tile"] == 256 and attrs["wsiuda_version"]
@@ -238,3 +240,22 @@ def test_dicom_fails_clearly_and_plain_tiff_works_with_slide_mpp(shared: Path, t
     lines = result.output.splitlines()
     assert any(line.startswith("FAILED  pathml_small_dicom.dcm") and "DICOM" in line for line in lines)
     assert TileStore.open(tmp_path / "kidney-48-5.zarr").is_complete
+
+
+@pytest.mark.parametrize(("pending", "workers"), [(1, 1), (15, 2), (2260, 2), (9000, 2), (5000, 8)])
+def test_task_runs_cover_the_tiles_once_and_shrink_towards_the_end(pending: int, workers: int) -> None:
+    from wsiuda.pipelines.tile import TileConfig, batch_sizes
+
+    sizes = batch_sizes(pending, TileConfig(workers=workers))
+    assert sum(sizes) == pending and all(0 < size <= 256 for size in sizes)
+    assert all(a >= b for a, b in itertools.pairwise(sizes))  # long runs first
+    # The last runs are short, so workers finish close together; the first are long, for the tile cache.
+    assert sizes[-1] <= 16
+    if pending >= 2000:
+        assert sizes[0] >= 128 and len(sizes) < pending / 32
+
+
+def test_a_fixed_batch_size_is_kept() -> None:
+    from wsiuda.pipelines.tile import TileConfig, batch_sizes
+
+    assert batch_sizes(50, TileConfig(batch=16)) == [16, 16, 16, 2]

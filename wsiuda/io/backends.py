@@ -164,7 +164,8 @@ class TiffSlideReader(SlideReader):
     (:class:`_TileCache`); other layouts go through tiffslide's ``read_region``.
     """
 
-    cache_bytes = 96 * 2**20
+    min_cache_bytes = 96 * 2**20
+    max_cache_bytes = 512 * 2**20
 
     def __init__(self, path: Path) -> None:
         import tiffslide
@@ -183,7 +184,7 @@ class TiffSlideReader(SlideReader):
             self._pages = [level.keyframe for level in series.levels]
         except Exception:  # no direct access (e.g. unusual series): read_region still works
             log.debug("%s: tile-level access unavailable; using tiffslide.read_region", self.path)
-        self._cache = _TileCache(self.cache_bytes)
+        self._cache = _TileCache(self._cache_budget())
         self.info = SlideInfo(
             path=str(self.path),
             backend="tiffslide",
@@ -193,6 +194,20 @@ class TiffSlideReader(SlideReader):
             mpp=_mpp_from_properties(properties, "tiffslide"),
             objective_power=_float_or_none(properties.get("tiffslide.objective-power")),
         )
+
+    def _cache_budget(self) -> int:
+        """Bytes of decoded tiles to keep: four tile rows across the widest tiled level, within bounds.
+
+        Reads in row-major order with a halo reuse the tile rows that the previous row of reads decoded,
+        a whole slide width earlier; a cache smaller than that decodes them twice (on a 61440 px wide
+        slide with 256 px tiles, one tile row is 47 MB).
+        """
+        rows = [
+            4 * -(-page.imagewidth // page.tilewidth) * page.tilewidth * page.tilelength * 3
+            for page in self._pages
+            if _directly_tiled(page)
+        ]
+        return int(min(self.max_cache_bytes, max([self.min_cache_bytes, *rows])))
 
     def _tile(self, page: Any, level: int, index: int) -> np.ndarray:
         key = (level, index)

@@ -8,7 +8,12 @@ from pathlib import Path
 from wsiuda.errors import SlideError
 from wsiuda.io.slide import SlideReader, is_plain_image
 
-BACKENDS = ("openslide", "tiffslide")
+log = logging.getLogger(__name__)
+
+# "auto": TIFF-based slides through tiffslide (its tile-by-tile JPEG path is 2-3x cheaper per read than
+# libopenslide on 2 cores, benchmarks/results/tile_throughput.md, with identical pixels), the rest through
+# OpenSlide, which also reads DICOM, MRXS, VMS and the TIFFs tiffslide cannot open.
+BACKENDS = ("auto", "openslide", "tiffslide")
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
@@ -78,13 +83,22 @@ def _check_tiff(path: Path) -> bool:
     return is_slide
 
 
-def open_slide(
-    path: str | Path, *, backend: str = "openslide", slide_mpp: float | None = None
-) -> SlideReader:
+def _try_tiffslide(path: Path) -> SlideReader | None:
+    from wsiuda.io.backends import TiffSlideReader
+
+    try:
+        return TiffSlideReader(path)
+    except SlideError as error:
+        log.debug("%s; trying OpenSlide", error)
+        return None
+
+
+def open_slide(path: str | Path, *, backend: str = "auto", slide_mpp: float | None = None) -> SlideReader:
     """Open a slide or plain image by path.
 
-    PNG/JPEG/BMP and non-pyramidal TIFFs are read as one-level images; everything else goes to ``backend``
-    ("openslide" or "tiffslide"). ``slide_mpp`` replaces (or supplies) the level-0 µm/px of the metadata.
+    PNG/JPEG/BMP and non-pyramidal TIFFs are read as one-level images; everything else goes to ``backend``:
+    "openslide", "tiffslide", or "auto" (tiffslide for TIFF-based slides it opens, OpenSlide otherwise).
+    ``slide_mpp`` replaces (or supplies) the level-0 µm/px of the metadata.
     Raises :class:`~wsiuda.errors.SlideError` with the file name and the fix.
     """
     from wsiuda.io.plain import PlainImageReader
@@ -104,6 +118,8 @@ def open_slide(
     reader: SlideReader
     if is_plain_image(path) or (_is_tiff(path) and not _check_tiff(path)):
         reader = PlainImageReader(path)
+    elif backend == "auto" and _is_tiff(path) and (reader_or_none := _try_tiffslide(path)) is not None:
+        reader = reader_or_none
     elif backend == "tiffslide":
         from wsiuda.io.backends import TiffSlideReader
 

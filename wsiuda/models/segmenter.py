@@ -15,7 +15,7 @@ from wsiuda.errors import ModelError
 from wsiuda.models.files import load_model_file
 from wsiuda.models.meta import ModelMeta
 from wsiuda.models.normalise import images_to_tensor
-from wsiuda.models.unet import channels_last
+from wsiuda.models.unet import channels_last, fold_batchnorm
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,9 @@ class Segmenter:
         self.meta = meta
         self.device = device
         self.network = channels_last(network.to(device)).eval()
+        # What predict runs: a BatchNorm-folded copy (``network`` stays as loaded, for saving and for
+        # training, whose later steps must not see folded weights).
+        self._inference = channels_last(fold_batchnorm(self.network))
 
     @classmethod
     def load(cls, path: Path | str, *, device: str = "auto") -> Segmenter:
@@ -89,7 +92,7 @@ class Segmenter:
                 chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
                 x = images_to_tensor(chunk.to(self.device, non_blocking=True), self.meta.normalisation)
                 x, crop = pad_to_multiple(x, 2**self.meta.depth)
-                logits = self.network(x.contiguous(memory_format=torch.channels_last))
+                logits = self._inference(x.contiguous(memory_format=torch.channels_last))
                 probabilities = torch.sigmoid(logits.float())[:, 0, crop[0], crop[1]]
                 out[start : start + len(chunk)] = probabilities.cpu().numpy()
         return out

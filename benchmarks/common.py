@@ -1,0 +1,89 @@
+"""What every benchmark shares: the hardware description and a measured subprocess run."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def hardware() -> dict[str, Any]:
+    """The machine, with its load when the benchmark starts (figures from a loaded machine say so)."""
+    import psutil
+
+    cpus = os.cpu_count()
+    load = os.getloadavg()
+    state = "quiet" if load[0] < 0.5 * (cpus or 1) else "shared with other jobs"
+    return {
+        "cpus": cpus,
+        "cpu_model": cpu_model(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpu": "none",
+        "python": platform.python_version(),
+        "load_at_start": [round(value, 2) for value in load],
+        "note": f"machine {state} at the start (load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}), "
+        "benchmark run under `nice`",
+    }
+
+
+def run_measured(command: list[str]) -> dict[str, Any]:
+    """Run a command: wall seconds, peak RSS summed over its process tree, CPU seconds of the tree.
+
+    CPU time is sampled per process (the last sample of each counts), so it shows what parallel workers
+    cost in CPU whatever share of the shared machine they got.
+    """
+    import psutil
+
+    peak = 0
+    cpu: dict[int, float] = {}
+    stop = threading.Event()
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def sample() -> None:
+        nonlocal peak
+        parent = psutil.Process(process.pid)
+        while not stop.is_set():
+            try:
+                tree = [parent, *parent.children(recursive=True)]
+                rss = 0
+                for member in tree:
+                    with member.oneshot():
+                        rss += member.memory_info().rss
+                        times = member.cpu_times()
+                        cpu[member.pid] = times.user + times.system
+                peak = max(peak, rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = process.communicate()
+    wall = time.perf_counter() - start
+    stop.set()
+    sampler.join()
+    if process.returncode != 0:
+        raise RuntimeError(f"{command} failed ({process.returncode}): {stderr}")
+    return {
+        "wall_s": wall,
+        "peak_rss_mb": peak / 2**20,
+        "cpu_s": sum(cpu.values()),
+        "load_before": load_before,
+        "stdout": stdout.strip(),
+    }
