@@ -27,7 +27,6 @@ def hardware() -> dict[str, Any]:
 
     cpus = os.cpu_count()
     load = os.getloadavg()
-    state = "quiet" if load[0] < 0.5 * (cpus or 1) else "shared with other jobs"
     return {
         "cpus": cpus,
         "cpu_model": cpu_model(),
@@ -35,7 +34,7 @@ def hardware() -> dict[str, Any]:
         "gpu": "none",
         "python": platform.python_version(),
         "load_at_start": [round(value, 2) for value in load],
-        "note": f"machine {state} at the start (load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}), "
+        "note": f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the start, "
         "benchmark run under `nice`",
     }
 

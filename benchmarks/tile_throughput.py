@@ -317,12 +317,12 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "Backends: `--backend auto`, the default, reads these TIFF-based slides with wsiuda's tiffslide "
         "reader, which decodes the slide's 256 px JPEG tiles itself (imagecodecs, through tiffslide's "
-        "tifffile handle) and keeps decoded tiles in a 96 MB cache per reader, so a 576 px read decodes "
-        "about 4 new tiles where the plain loop decodes 9-16. The pixels equal OpenSlide's (tested on the "
-        "synthetic slide; equal on CMU-1 and the JPEG 2000 SVS too). `--backend openslide` decodes and "
-        "composites inside libopenslide, which costs about as much CPU per read as the plain loop, so it "
-        "stays below the loop once wsiuda's own work (JPEG encoding of the store) is added. Slides that "
-        "are not TIFF-based (DICOM, MRXS, VMS) go to OpenSlide under `auto`.",
+        "tifffile handle) and keeps four tile rows of decoded tiles (96-512 MB) per reader, so a 576 px "
+        "read decodes about 4 new tiles where the plain loop decodes 9-16. The pixels equal OpenSlide's "
+        "(tested on the synthetic slide; equal on CMU-1 and the JPEG 2000 SVS too). `--backend openslide`"
+        " decodes and composites inside libopenslide, which costs about as much CPU per read as the plain"
+        " loop, so it stays below the loop once wsiuda's own work (JPEG encoding of the store) is added. "
+        "Slides that are not TIFF-based (DICOM, MRXS, VMS) go to OpenSlide under `auto`.",
         "",
         "## Targets",
         "",

@@ -269,3 +269,15 @@ def test_cli_adapt_train_resume_and_bad_input(folders: dict[str, Path], tmp_path
     assert result.exit_code == 2
     assert result.output.startswith("Error: ") and "no images found" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_training_curve_of_a_first_epoch_draws_without_warnings(tmp_path: Path) -> None:
+    import warnings
+
+    from wsiuda.train.plot import plot_history
+
+    # After the first epoch there is no validation Dice yet: an empty right-hand panel must not warn.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_history([{"epoch": 1, "losses": {"dice": 0.6}}], tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -30,7 +30,6 @@ def plot_history(history: Sequence[dict[str, Any]], path: Path) -> None:
     left.set_yscale("log")
     left.set_xlabel("epoch")
     left.set_title("weighted loss terms (epoch means)")
-    left.legend(fontsize=7)
     for key, label in (
         ("source_val_dice", "source val Dice"),
         ("target_val_dice", "target val Dice (report only)"),
@@ -43,7 +42,9 @@ def plot_history(history: Sequence[dict[str, Any]], path: Path) -> None:
         right.plot(epochs, [float("nan") if v is None else v for v in accuracy], ls="--", label="D accuracy")
     right.set_ylim(0, 1)
     right.set_xlabel("epoch")
-    right.legend(fontsize=7)
+    for axes in (left, right):
+        if axes.get_legend_handles_labels()[0]:  # nothing plotted yet (first epoch): no legend to draw
+            axes.legend(fontsize=7)
     figure.tight_layout()
     with atomic_output(path) as tmp:
         figure.savefig(tmp, format="png")
