@@ -795,11 +795,12 @@ def _threads_per_worker(config: SegmentConfig) -> int:
     """Tasks a worker runs at once (0: in this process, one at a time).
 
     A local worker runs one task per core it owns. Only one of them is in the network at a time (a lock in
-    :func:`process_blocks`), using all those cores, while the others read, run the CRF and trace nuclei
-    on one thread each: the single-threaded steps fill the gaps of the network instead of leaving cores
-    idle, and memory stays at one window in the network per worker. (Two single-threaded forward passes
-    at once are no faster on this kind of CPU: they contend for memory bandwidth.) A worker of an existing
-    cluster keeps one task at a time, as its threads are that cluster's to set.
+    :func:`process_blocks`), on all those cores, while the others read, run the CRF and trace nuclei on
+    one thread each, so memory stays at one window in the network per worker. With a GPU the CPU steps
+    overlap the network; on a 2-core CPU they share the cores with it, which measured about even with one
+    task at a time, and two single-threaded forward passes at once were no faster either (they contend
+    for memory bandwidth) while taking RSS past 2 GB. A worker of an existing cluster keeps one task at a
+    time, as its threads are that cluster's to set.
     """
     if config.scheduler == SCHEDULER_SYNC:
         return 0

@@ -337,9 +337,9 @@ def batch_sizes(pending: int, config: TileConfig) -> list[int]:
     return sizes
 
 
-def _runs(sizes: list[int]) -> list[tuple[int, int]]:
-    """(size, end) of consecutive runs of the given sizes."""
-    return list(zip(sizes, itertools.accumulate(sizes), strict=True))
+def _runs(sizes: list[int]) -> list[slice]:
+    """Consecutive slices of the given sizes, from 0."""
+    return [slice(end - size, end) for size, end in zip(sizes, itertools.accumulate(sizes), strict=True)]
 
 
 def _warm_worker() -> None:
@@ -480,9 +480,9 @@ def _tile_all(
         plans.append((len(results) - 1, outcome))
 
     tasks = [
-        (slot, plan, plan.pending[start - size : start])
+        (slot, plan, plan.pending[run])
         for slot, plan in plans
-        for size, start in _runs(batch_sizes(len(plan.pending), config))
+        for run in _runs(batch_sizes(len(plan.pending), config))
     ]
     outcomes = _run_tasks(tasks, config, pool=pool, progress=progress) if tasks else []
     for (slot, _, _), (written, problem, seconds) in zip(tasks, outcomes, strict=True):
