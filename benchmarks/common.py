@@ -7,8 +7,11 @@ import platform
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def cpu_model() -> str:
@@ -86,3 +89,26 @@ def run_measured(command: list[str]) -> dict[str, Any]:
         "load_before": load_before,
         "stdout": stdout.strip(),
     }
+
+
+def write_generated_slide(path: Path, side: int, paint: Callable[[np.ndarray], None], *, levels: int) -> Path:
+    """A side x side 40x Aperio-style SVS (JPEG tiles of 256) whose level 0 ``paint`` fills in place.
+
+    Level 0 lives in a memmap beside ``path`` while it is painted and encoded, so memory stays small at
+    any size; the slide appears under its name only when complete, and an existing one is reused.
+    """
+    from synthetic import write_pyramidal_tiff
+
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = path.with_suffix(".level0.u8")
+    level0 = np.lib.format.open_memmap(raw, mode="w+", dtype=np.uint8, shape=(side, side, 3))
+    paint(level0)
+    level0.flush()
+    partial = path.with_suffix(".partial.svs")
+    write_pyramidal_tiff(partial, level0, mpp=0.25, app_mag=40, tile=256, levels=levels)
+    del level0
+    raw.unlink()
+    partial.rename(path)
+    return path

@@ -44,8 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import hardware, run_measured  # noqa: E402
-from synthetic import synthetic_he, write_pyramidal_tiff  # noqa: E402
+from common import hardware, run_measured, write_generated_slide  # noqa: E402
+from synthetic import synthetic_he  # noqa: E402
 
 WSIUDA = Path(sys.executable).parent / "wsiuda"
 SHARED = Path(os.environ.get("WSIUDA_SHARED", REPO.parent / "shared"))
@@ -129,22 +129,15 @@ def benchmark_model(workdir: Path) -> tuple[Path, str]:
 
 def make_islands_slide(path: Path, side: int, *, island: int = 2048) -> Path:
     """A side x side 40x slide of glass with three island x island patches of tissue (same for every side)."""
-    if path.exists():
-        return path
-    raw = path.with_suffix(".level0.u8")
-    level0 = np.lib.format.open_memmap(raw, mode="w+", dtype=np.uint8, shape=(side, side, 3))
-    for y in range(0, side, 2048):
-        level0[y : y + 2048] = GLASS
-    for index, (fy, fx) in enumerate(((0.2, 0.2), (0.5, 0.6), (0.75, 0.3))):
-        y, x = int(fy * (side - island)), int(fx * (side - island))
-        level0[y : y + island, x : x + island] = synthetic_he((island, island), seed=index, tissue=0.9)
-    level0.flush()
-    partial = path.with_suffix(".partial.svs")
-    write_pyramidal_tiff(partial, level0, mpp=0.25, app_mag=40, tile=256, levels=4)
-    del level0
-    raw.unlink()
-    partial.rename(path)
-    return path
+
+    def paint(level0: np.ndarray) -> None:
+        for y in range(0, side, 2048):
+            level0[y : y + 2048] = GLASS
+        for index, (fy, fx) in enumerate(((0.2, 0.2), (0.5, 0.6), (0.75, 0.3))):
+            y, x = int(fy * (side - island)), int(fx * (side - island))
+            level0[y : y + island, x : x + island] = synthetic_he((island, island), seed=index, tissue=0.9)
+
+    return write_generated_slide(path, side, paint, levels=4)
 
 
 def plan(slide: Path, model: Path, *, tile: int) -> tuple[Any, list[Any], dict[str, Any]]:

@@ -36,8 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import hardware, run_measured  # noqa: E402
-from synthetic import synthetic_he, write_pyramidal_tiff  # noqa: E402
+from common import hardware, run_measured, write_generated_slide  # noqa: E402
+from synthetic import synthetic_he  # noqa: E402
 
 WSIUDA = Path(sys.executable).parent / "wsiuda"
 TILE, HALO = 512, 32
@@ -68,28 +68,20 @@ LABELS = {"auto": "default (--backend auto: tiffslide here)", "openslide": "--ba
 
 
 def make_slide(path: Path, side: int, *, seed: int) -> Path:
-    """A side x side 40x slide, generated strip by strip through a memmap so memory stays small."""
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = path.with_suffix(".level0.u8")
-    level0 = np.lib.format.open_memmap(raw, mode="w+", dtype=np.uint8, shape=(side, side, 3))
-    strip = 1024
-    for y in range(0, side, strip):
-        rows = min(strip, side - y)
-        block = synthetic_he((rows, side), seed=seed + y)
-        yy, xx = np.ogrid[y : y + rows, :side]
-        # Tissue: an ellipse over ~60% of the slide, glass around it, like a biopsy on a slide.
-        glass = ((yy - side / 2) / (0.44 * side)) ** 2 + ((xx - side / 2) / (0.44 * side)) ** 2 > 1
-        block[np.broadcast_to(glass, (rows, side))] = (244, 244, 246)
-        level0[y : y + rows] = block
-    level0.flush()
-    partial = path.with_suffix(".partial.svs")
-    write_pyramidal_tiff(partial, level0, mpp=0.25, app_mag=40, tile=256, levels=3)
-    del level0
-    raw.unlink()
-    partial.rename(path)
-    return path
+    """A side x side 40x slide of H&E-like tissue in an ellipse on glass, generated strip by strip."""
+
+    def paint(level0: np.ndarray) -> None:
+        strip = 1024
+        for y in range(0, side, strip):
+            rows = min(strip, side - y)
+            block = synthetic_he((rows, side), seed=seed + y)
+            yy, xx = np.ogrid[y : y + rows, :side]
+            # Tissue: an ellipse over ~60% of the slide, glass around it, like a biopsy on a slide.
+            glass = ((yy - side / 2) / (0.44 * side)) ** 2 + ((xx - side / 2) / (0.44 * side)) ** 2 > 1
+            block[np.broadcast_to(glass, (rows, side))] = (244, 244, 246)
+            level0[y : y + rows] = block
+
+    return write_generated_slide(path, side, paint, levels=3)
 
 
 def run_wsiuda(slide: Path, out: Path, *, backend: str, workers: int) -> dict[str, Any]:
