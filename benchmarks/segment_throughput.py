@@ -11,8 +11,8 @@ All figures come from one run, so ratios share the machine's state:
    slides of 20480² and 10240² px (JPEG pyramid, tifffile) carrying the same three 2048² tissue islands,
    so both sizes hold the same work and only the slide size differs.
 3. End to end: the installed `wsiuda segment` with its defaults (local cluster, one worker per 2 cores,
-   tile 1024, CRF at half resolution), timed from process start to exit, with the peak RSS of the process
-   tree; on CMU-1 also with --workers 2 and with --no-crf.
+   a lone worker in the calling process, tile 1024, CRF at half resolution), timed from process start to
+   exit, with the peak RSS of the process tree; on CMU-1 also with --workers 2 and with --no-crf.
 4. Model only: forward passes over the same windows in one process with all threads; per tile on one
    thread: the forward pass and each CRF mode on the same windows.
 5. Baseline: a plain loop (OpenSlide read_region → resize to 0.25 µm/px → model → stitch into a slide-sized
@@ -142,8 +142,8 @@ def make_islands_slide(path: Path, side: int, *, island: int = 2048) -> Path:
 
 def plan(slide: Path, model: Path, *, tile: int) -> tuple[Any, list[Any], dict[str, Any]]:
     """The blocks `wsiuda segment` plans for a slide (same code path), and its job description."""
+    from wsiuda.crf import DEFAULT_CRF
     from wsiuda.pipelines.segment import (
-        SEGMENT_CRF,
         SegmentConfig,
         _prepare,
         _runner,
@@ -155,7 +155,7 @@ def plan(slide: Path, model: Path, *, tile: int) -> tuple[Any, list[Any], dict[s
     out = Path(os.environ.get("TMPDIR", "/tmp")) / "segment-bench-plan" / f"{slide.stem}.geojson"
     shutil.rmtree(out.parent, ignore_errors=True)
     config = SegmentConfig(
-        inputs=(str(slide),), output=str(out), model=str(model), tile=tile, crf_params=SEGMENT_CRF
+        inputs=(str(slide),), output=str(out), model=str(model), tile=tile, crf_params=DEFAULT_CRF
     )
     with _runner(replace(config, scheduler="sync")) as run:
         _, network = resolve_model(config, run)
@@ -239,7 +239,7 @@ def per_tile_costs(job: Any, blocks: list[Any], model: Path, *, count: int) -> d
     """Forward and CRF milliseconds per tile on one thread, over the first ``count`` windows."""
     import torch
 
-    from wsiuda.crf import CrfParams, dense_crf
+    from wsiuda.crf import DEFAULT_CRF, dense_crf
     from wsiuda.models import Segmenter
     from wsiuda.pipelines.segment import WindowReader
 
@@ -253,9 +253,9 @@ def per_tile_costs(job: Any, blocks: list[Any], model: Path, *, count: int) -> d
     probabilities = [segmenter.predict(image[None])[0] for image in images]
     forward = (time.perf_counter() - start) / len(images)
     modes = {
-        "full": CrfParams(),
-        "half resolution (default)": CrfParams(downsample=2),
-        "uncertain only (|p-0.5|<0.3)": CrfParams(uncertain_margin=0.3),
+        "full": replace(DEFAULT_CRF, downsample=1),
+        "half resolution (default)": DEFAULT_CRF,
+        "uncertain only (|p-0.5|<0.3)": replace(DEFAULT_CRF, downsample=1, uncertain_margin=0.3),
     }
     crf = {}
     for name, params in modes.items():
@@ -296,7 +296,7 @@ def crf_quality(model: Path, limit: int | None) -> dict[str, Any]:
     import cv2
     import torch
 
-    from wsiuda.crf import CrfParams, dense_crf
+    from wsiuda.crf import DEFAULT_CRF, dense_crf
     from wsiuda.models import Segmenter
 
     if not (MONUSEG / "split.tsv").exists():
@@ -309,9 +309,9 @@ def crf_quality(model: Path, limit: int | None) -> dict[str, Any]:
     torch.set_num_threads(os.cpu_count() or 1)
     segmenter = Segmenter.load(model, device="cpu")
     modes = {
-        "full": CrfParams(),
-        "half resolution (default)": CrfParams(downsample=2),
-        "uncertain only (|p-0.5|<0.3)": CrfParams(uncertain_margin=0.3),
+        "full": replace(DEFAULT_CRF, downsample=1),
+        "half resolution (default)": DEFAULT_CRF,
+        "uncertain only (|p-0.5|<0.3)": replace(DEFAULT_CRF, downsample=1, uncertain_margin=0.3),
     }
     scores: dict[str, list[float]] = {"no CRF": [], **{name: [] for name in modes}}
     seconds = dict.fromkeys(modes, 0.0)
@@ -368,9 +368,9 @@ def report(results: dict[str, Any]) -> str:
         f"{results['load_before']} / {results['load_after']}.",
         "",
         f"Model: {results['model']}; U-Net width 16, depth 4, receptive field 200 px. `wsiuda segment` "
-        "runs with its defaults unless the row says otherwise: local cluster of one worker process per 2 "
-        "cores (here 1 worker running 2 tasks at once, one of them in the network on both cores), tile "
-        "1024, batch 1, CRF at half resolution, backend auto "
+        "runs with its defaults unless the row says otherwise: local cluster of one worker per 2 cores "
+        "(here one worker, in the calling process, running 2 tasks at once, one of them in the network on "
+        "both cores), tile 1024, batch 1, CRF at half resolution (w1=1), backend auto "
         "(tiffslide for these SVS files); wall time is process start to exit (cluster start-up included). "
         "The baseline is the issue's plain loop (OpenSlide read_region, resize to 0.25 µm/px, the network "
         "as loaded in NCHW float32, numpy stitch, cv2.findContours, no Dask) over the same windows as "

@@ -232,7 +232,7 @@ class RunSpec:
         def domain(d: Domain) -> list[Any]:
             return [d.location, d.mpp, d.splits]
 
-        return {
+        identity = {
             "cache_version": CACHE_VERSION,
             "train": domain(self.train_domain),
             "adapt_to": domain(self.target) if self.adapts else None,
@@ -242,6 +242,13 @@ class RunSpec:
             "training": dict(sorted(self.training.items())),
             "hardware": self.hardware_kind,
         }
+        init = self.training.get("init", "scratch")
+        if init != "scratch":  # a run started from a model file is as new as that file's weights
+            from wsiuda.models import default_model_path
+
+            weights = default_model_path() if init == "default" else Path(init)
+            identity["init_weights"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+        return identity
 
     @property
     def train_key(self) -> str:

@@ -61,7 +61,8 @@ log = logging.getLogger("wsiuda.cli.segment")
     "--workers",
     type=click.IntRange(min=1),
     default=None,
-    help="Local worker processes [default: one per 2 cores, as far as memory allows; each takes ~1.5 GB].",
+    help="Local workers [default: one per 2 cores, as far as memory allows; each takes ~1.5 GB; "
+    "a lone worker runs in this process].",
 )
 @click.option(
     "--scheduler",
@@ -99,7 +100,8 @@ def command(
     An interrupted run resumes where it stopped; --overwrite redoes finished slides. A slide that cannot
     be read is reported and the others go on; the exit code is then 1.
     """
-    from wsiuda.pipelines.segment import SEGMENT_CRF, SegmentConfig, segment
+    from wsiuda.crf import DEFAULT_CRF
+    from wsiuda.pipelines.segment import SegmentConfig, segment
 
     config = SegmentConfig(
         inputs=tuple(inputs),
@@ -107,7 +109,7 @@ def command(
         model=model,
         device=device,
         crf=not no_crf,
-        crf_params=SEGMENT_CRF if crf_downsample is None else replace(SEGMENT_CRF, downsample=crf_downsample),
+        crf_params=DEFAULT_CRF if crf_downsample is None else replace(DEFAULT_CRF, downsample=crf_downsample),
         mpp=mpp,
         slide_mpp=slide_mpp,
         backend=backend,

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from wsiuda.config import atomic_write_text
-from wsiuda.crf import CrfParams
+from wsiuda.crf import DEFAULT_CRF
 from wsiuda.data import group_id
 from wsiuda.models import ModelMeta, Segmenter, save_model
 from wsiuda.pipelines.evaluate import labelled_pairs, score_pairs
@@ -74,7 +74,7 @@ def score(
     for name, (folder, split) in datasets.items():
         pairs = labelled_pairs(folder, split=split)
         per_variant = score_pairs(
-            segmenter, pairs, data_mpp=0.25, variants={"network": None, "crf": CrfParams()}, progress=False
+            segmenter, pairs, data_mpp=0.25, variants={"network": None, "crf": DEFAULT_CRF}, progress=False
         )
         results[name] = {}
         for variant, rows in per_variant.items():
@@ -97,6 +97,9 @@ def main() -> int:
     parser.add_argument("--budget-minutes", type=float, default=40.0)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--lr", type=float, default=1e-3, help="Adam's learning rate; a resumed run continues at this rate"
+    )
     parser.add_argument("--install", action="store_true", help="copy the fp16 weights into wsiuda/weights/")
     parser.add_argument("--score-only", action="store_true", help="score an existing run, do not train")
     args = parser.parse_args()
@@ -118,7 +121,7 @@ def main() -> int:
         stain_aug=True,
         width=args.width,
         bce_weight=1.0,
-        lr_s=1e-3,
+        lr_s=args.lr,
         seed=args.seed,
         budget_minutes=args.budget_minutes,
         resume=(run / "last.pt").exists() and not args.score_only,
@@ -162,7 +165,8 @@ def main() -> int:
         f"{meta.arch} {meta.arch_kwargs}); "
         f"file {record['file_bytes'] / 1e6:.1f} MB (fp16).",
         "",
-        "Per-image means, threshold 0.5. `crf` = dense CRF on the network output (wsiuda's defaults).",
+        "Per-image means, threshold 0.5. `crf` = dense CRF on the network output, as `wsiuda segment` runs "
+        "it by default.",
         "",
         "| test set | variant | Dice | IoU | AJI | F1 | PQ |",
         "|---|---|---|---|---|---|---|",

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from wsiuda._version import __version__
 from wsiuda.config import atomic_write_text, config_to_dict, save_config
-from wsiuda.crf import CrfParams, dense_crf
+from wsiuda.crf import DEFAULT_CRF, CrfParams, dense_crf
 from wsiuda.data import (
     find_pairs,
     folder_mpp,
@@ -203,7 +203,7 @@ def evaluate(
         segmenter,
         pairs,
         data_mpp=data_mpp,
-        variants={variant: CrfParams() if config.crf else None},
+        variants={variant: DEFAULT_CRF if config.crf else None},
         threshold=config.threshold,
         progress=progress,
     )[variant]

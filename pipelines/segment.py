@@ -37,7 +37,7 @@ import numpy as np
 from wsiuda import __version__
 from wsiuda.blocks import Block, batches, halo_px, nucleus_reach_px, plan_blocks, window_size
 from wsiuda.config import atomic_write_text, config_to_dict, save_config
-from wsiuda.crf import CrfParams, crf_reach_px, dense_crf
+from wsiuda.crf import DEFAULT_CRF, CrfParams, crf_reach_px, dense_crf
 from wsiuda.errors import ConfigError, ModelError, OutputError, SlideError, WsiudaError
 from wsiuda.geometry import Region
 from wsiuda.instances import centroids, label_nuclei, owned_nuclei
@@ -59,9 +59,7 @@ SLIDE_SUFFIXES = frozenset(
     | {".png", ".jpg", ".jpeg", ".bmp"}
 )
 SCHEDULER_SYNC = "sync"
-SEGMENT_CRF = CrfParams(downsample=2)
-"""The paper's CRF run at half resolution: the same Dice as at full resolution in a quarter of the time
-(benchmarks/results/segment_throughput.md)."""
+
 SUMMARY_FORMAT = 1
 
 
@@ -78,7 +76,7 @@ class SegmentConfig:
     """A model.pt from ``wsiuda adapt``; None takes the default model."""
     device: str = "auto"
     crf: bool = True
-    crf_params: CrfParams = SEGMENT_CRF
+    crf_params: CrfParams = DEFAULT_CRF
     mpp: float | None = None
     """Working resolution, µm/px; None takes the model's."""
     slide_mpp: float | None = None
@@ -88,7 +86,8 @@ class SegmentConfig:
     batch_size: int | None = None
     """Tiles per batch; None: 1 on a CPU (a 1024 tile's window needs ~1 GB in the network), 4 on a GPU."""
     workers: int | None = None
-    """Local worker processes; None: one per 2 cores, as far as memory allows (see local_workers)."""
+    """Local workers; None: one per 2 cores, as far as memory allows (see local_workers). Several run as
+    processes; a lone worker runs in this process."""
     scheduler: str | None = None
     """None: a local cluster; 'sync': in this process, a batch at a time; else a dask.distributed address."""
     overwrite: bool = False
@@ -797,10 +796,11 @@ def _threads_per_worker(config: SegmentConfig) -> int:
     A local worker runs one task per core it owns. Only one of them is in the network at a time (a lock in
     :func:`process_blocks`), on all those cores, while the others read, run the CRF and trace nuclei on
     one thread each, so memory stays at one window in the network per worker. With a GPU the CPU steps
-    overlap the network; on a 2-core CPU they share the cores with it, which measured about even with one
-    task at a time, and two single-threaded forward passes at once were no faster either (they contend
-    for memory bandwidth) while taking RSS past 2 GB. A worker of an existing cluster keeps one task at a
-    time, as its threads are that cluster's to set.
+    overlap the network. On a 2-core CPU they share the cores with it, and pydensecrf holds the GIL while
+    it runs, which stalls the other task's forward pass meanwhile. Two single-threaded forward passes at
+    once were no faster (they contend for memory bandwidth) and took RSS past 2 GB, and giving the network
+    only the cores that busy tasks leave free was no faster either. A worker of an existing cluster keeps
+    one task at a time, as its threads are that cluster's to set.
     """
     if config.scheduler == SCHEDULER_SYNC:
         return 0
@@ -838,7 +838,9 @@ def _client(config: SegmentConfig) -> Iterator[Any]:
         cluster = LocalCluster(
             n_workers=workers,
             threads_per_worker=threads,
-            processes=True,
+            # A lone worker runs in this process: no process to spawn, and torch and the model are loaded
+            # once. That saves seconds per run, a real share on a small slide.
+            processes=workers > 1,
             dashboard_address=None,
             silence_logs=logging.ERROR,
         )

@@ -393,3 +393,4 @@ def test_other_settings_on_an_unfinished_store_are_refused(tmp_path: Path) -> No
     assert result.error is not None and "--overwrite" in result.error
     with pytest.raises(OutputError):
         MaskStore.open(tmp_path)  # not a store
+

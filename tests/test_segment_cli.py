@@ -133,6 +133,29 @@ def test_runs_on_a_dask_cluster_at_an_address(tmp_path: Path, small_slide: Path,
     assert (tmp_path / "a.geojson").read_bytes() == (tmp_path / "b.geojson").read_bytes()
 
 
+def test_one_local_worker_runs_in_this_process(
+    tmp_path: Path, small_slide: Path, dark_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One local worker runs in this process, a task per core sharing the cores; same GeoJSON as sync."""
+    import distributed
+
+    made: list[bool] = []
+
+    def recording_cluster(**kwargs: object) -> distributed.LocalCluster:
+        made.append(bool(kwargs["processes"]))
+        return distributed.deploy.local.LocalCluster(**kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(distributed, "LocalCluster", recording_cluster)
+    common = ["-m", str(dark_model), "--tile", "128", "--device", "cpu", "--no-crf"]
+    local = run(str(small_slide), "-o", str(tmp_path / "a.geojson"), "--workers", "1", *common)
+    assert local.exit_code == 0, local.output
+    assert made == [False]
+    sync = run(str(small_slide), "-o", str(tmp_path / "b.geojson"), "--scheduler", "sync", *common)
+    assert sync.exit_code == 0, sync.output
+    assert len(load_features(tmp_path / "a.geojson")) > 5
+    assert (tmp_path / "a.geojson").read_bytes() == (tmp_path / "b.geojson").read_bytes()
+
+
 def test_an_unreachable_scheduler_is_one_line(tmp_path: Path, small_slide: Path, dark_model: Path) -> None:
     import dask
 

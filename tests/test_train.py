@@ -155,6 +155,16 @@ def test_resumed_run_matches_an_uninterrupted_one(folders: dict[str, Path], tmp_
     assert len((resumed / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_a_resumed_run_trains_at_its_own_learning_rates(folders: dict[str, Path], tmp_path: Path) -> None:
+    stopped = fit(tiny(folders, tmp_path / "run", epochs=1, lr_s=1e-3, lr_d=1e-3, lr_r=1e-3), progress=False)
+    resumed = fit(
+        tiny(folders, stopped, epochs=2, lr_s=2e-4, lr_d=5e-4, lr_r=3e-4, resume=True), progress=False
+    )
+    optimizers = safe_load(resumed / "last.pt", kind="checkpoint")["trainer"]
+    for name, lr in (("opt_s", 2e-4), ("opt_d", 5e-4), ("opt_r", 3e-4)):
+        assert [group["lr"] for group in optimizers[name]["param_groups"]] == [lr], name
+
+
 def test_cbst_pseudo_labels_survive_a_resume(folders: dict[str, Path], tmp_path: Path) -> None:
     settings = dict(method="cbst", cbst_round_epochs=2, seed=1)
     straight = fit(tiny(folders, tmp_path / "straight", epochs=2, **settings), progress=False)

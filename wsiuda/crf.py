@@ -71,6 +71,13 @@ class CrfParams:
             raise ConfigError(f"CRF block must be >= 8 px, got {self.block}")
 
 
+DEFAULT_CRF = CrfParams(w1=1.0, downsample=2)
+"""The CRF that segment and evaluate run: the paper's kernels with the appearance weight chosen on the
+default model's source validation images (benchmarks/results/crf_tuning.md; the paper's w1=10 lost 0.046
+Dice there), at half resolution, which scores like the full resolution in a fraction of the time
+(benchmarks/results/segment_throughput.md)."""
+
+
 def crf_reach_px(params: CrfParams) -> int:
     """How far (px) the CRF lets one pixel's value influence another: the widest kernel, truncated.
 

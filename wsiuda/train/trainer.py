@@ -196,3 +196,10 @@ class Trainer:
             part = getattr(self, name)
             if part is not None:
                 part.load_state_dict(state[name])
+        # An optimizer's state carries the learning rate it was saved with; the resumed run's config wins,
+        # so a run can be continued at a lower rate.
+        for optimizer, lr in ((self.opt_s, self.config.lr_s), (self.opt_d, self.config.lr_d or 1e-3),
+                              (self.opt_r, self.config.lr_r)):  # fmt: skip
+            if optimizer is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = float(lr)
