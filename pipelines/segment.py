@@ -59,7 +59,6 @@ SLIDE_SUFFIXES = frozenset(
     | {".png", ".jpg", ".jpeg", ".bmp"}
 )
 SCHEDULER_SYNC = "sync"
-
 SUMMARY_FORMAT = 1
 
 

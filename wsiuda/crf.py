@@ -11,8 +11,8 @@ the CRF on a coarser grid (kernel widths scaled to keep the same physical reach)
 ``uncertain_margin`` runs it only on blocks that hold pixels whose probability is within the margin of
 0.5, keeping the network's probability elsewhere. On dense tissue nearly every block holds such pixels and
 each block is read with the kernel reach around it, so that mode is slower than the full CRF there; it
-pays only on sparse tissue (benchmarks/results/segment_throughput.md). ``wsiuda segment`` uses
-``downsample=2``.
+pays only on sparse tissue (benchmarks/results/segment_throughput.md). ``wsiuda segment`` and ``wsiuda
+evaluate`` run :data:`DEFAULT_CRF`.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class CrfParams:
 
 DEFAULT_CRF = CrfParams(w1=1.0, downsample=2)
 """The CRF that segment and evaluate run: the paper's kernels with the appearance weight chosen on the
-default model's source validation images (benchmarks/results/crf_tuning.md; the paper's w1=10 lost 0.046
+default model's source validation images (benchmarks/results/crf_tuning.md; the paper group's w1=10 lost 0.046
 Dice there), at half resolution, which scores like the full resolution in a fraction of the time
 (benchmarks/results/segment_throughput.md)."""
 
