@@ -2,6 +2,9 @@
 
     .venv/bin/python examples/train_default_model.py --budget-minutes 40 --install
 
+A second call resumes the run (``--lr`` sets the rate it goes on at); the model card lists the calls that
+trained the shipped weights.
+
 Training data: TNBC slides 01-09 and MoNuSeg 2018's training images (its split.tsv Train/Val rows); MoNuSeg's
 official test images and TNBC slides 10-11 are never read in training and give the held-out figures of the
 model card. Model selection uses the source validation split only (held-out slides of the training sources).
