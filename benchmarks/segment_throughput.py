@@ -1,6 +1,6 @@
 """Throughput, CRF cost and memory of `wsiuda segment`, side by side with a plain loop.
 
-    nice .venv/bin/python benchmarks/segment_throughput.py            # full run (~60 min on 2 shared cores)
+    nice .venv/bin/python benchmarks/segment_throughput.py            # full run (~25 min on 2 quiet cores)
     nice .venv/bin/python benchmarks/segment_throughput.py --quick    # small slides, a smoke test
 
 All figures come from one run, so ratios share the machine's state:
@@ -13,13 +13,14 @@ All figures come from one run, so ratios share the machine's state:
 3. End to end: the installed `wsiuda segment` with its defaults (local cluster, one worker per 2 cores,
    a lone worker in the calling process, tile 1024, CRF at half resolution), timed from process start to
    exit, with the peak RSS of the process tree; on CMU-1 also with --workers 2 and with --no-crf.
-4. Model only: forward passes over the same windows in one process with all threads; per tile on one
-   thread: the forward pass and each CRF mode on the same windows.
+4. Model only: forward passes over the same windows in one process, arranged as the pipeline runs them
+   (int8: one pass per core side by side); per tile on one thread: the forward pass in float32 and int8
+   and each CRF mode on the same windows.
 5. Baseline: a plain loop (OpenSlide read_region → resize to 0.25 µm/px → model → stitch into a slide-sized
    numpy mask → cv2.findContours → GeoJSON), no Dask, over the same windows, in its own process. "model"
    is the network as loaded, run the way a PyTorch user would (eval, NCHW float32, inference_mode); the
-   same loop calling wsiuda's Segmenter.predict is timed too, to separate the faster forward pass from
-   the pipeline.
+   same loop calling wsiuda's Segmenter.predict in float32 and in int8 is timed too, to separate the
+   faster forward pass from the pipeline.
 6. CRF quality: Dice against the labels of the 14 MoNuSeg 2018 official test images (../shared) for no CRF,
    the full CRF, half resolution and uncertain-only, refining the model's probabilities.
 7. GeoJSON writing rate.
@@ -72,9 +73,9 @@ if mode == "plain":
         with torch.inference_mode():
             return torch.sigmoid(network(x))[0, 0, crop[0], crop[1]].numpy()
 else:
-    # The same loop calling wsiuda's inference (BatchNorm folded, channels_last).
+    # The same loop calling wsiuda's inference (BatchNorm folded, channels_last; mode = its precision).
     from wsiuda.models import Segmenter
-    segmenter = Segmenter.load(model_path, device="cpu")
+    segmenter = Segmenter.load(model_path, device="cpu", precision=mode)
     def predict(window):
         return segmenter.predict(window[None])[0]
 slide = openslide.OpenSlide(slide_path)
@@ -202,7 +203,7 @@ def end_to_end(slide: Path, model: Path, out: Path, *extra: str) -> dict[str, An
 
 def baseline(slide: Path, model: Path, blocks: list[Any], workdir: Path, *, mode: str) -> dict[str, Any]:
     """The plain loop over ``blocks``' windows; ``mode`` "plain" runs the network as loaded (NCHW float32,
-    what a PyTorch user writes), "wsiuda" calls :meth:`Segmenter.predict`."""
+    what a PyTorch user writes), "float32" or "int8" calls :meth:`Segmenter.predict` in that precision."""
     windows = np.array(
         [
             (*(b.window.y, b.window.x, b.window.height, b.window.width), *(b.core.y, b.core.x, *b.core.shape))
@@ -236,7 +237,8 @@ def baseline(slide: Path, model: Path, blocks: list[Any], workdir: Path, *, mode
 
 
 def per_tile_costs(job: Any, blocks: list[Any], model: Path, *, count: int) -> dict[str, Any]:
-    """Forward and CRF milliseconds per tile on one thread, over the first ``count`` windows."""
+    """Forward (in each precision) and CRF milliseconds per tile on one thread, over the first ``count``
+    windows; the CRF refines the default precision's probabilities."""
     import torch
 
     from wsiuda.crf import DEFAULT_CRF, dense_crf
@@ -244,14 +246,17 @@ def per_tile_costs(job: Any, blocks: list[Any], model: Path, *, count: int) -> d
     from wsiuda.pipelines.segment import WindowReader
 
     torch.set_num_threads(1)
-    segmenter = Segmenter.load(model, device="cpu")
     reader = WindowReader(job.source, job.scale)
     images = [reader.read(block.window) for block in blocks[:count]]
     reader.close()
-    segmenter.predict(images[0][None])  # warm-up
-    start = time.perf_counter()
-    probabilities = [segmenter.predict(image[None])[0] for image in images]
-    forward = (time.perf_counter() - start) / len(images)
+    forward_by_precision = {}
+    for precision in ("float32", "auto"):
+        segmenter = Segmenter.load(model, device="cpu", precision=precision)
+        segmenter.predict(images[0][None])  # warm-up
+        start = time.perf_counter()
+        probabilities = [segmenter.predict(image[None])[0] for image in images]
+        forward_by_precision[segmenter.precision] = (time.perf_counter() - start) / len(images)
+    forward = forward_by_precision[segmenter.precision]
     modes = {
         "full": replace(DEFAULT_CRF, downsample=1),
         "half resolution (default)": DEFAULT_CRF,
@@ -266,28 +271,50 @@ def per_tile_costs(job: Any, blocks: list[Any], model: Path, *, count: int) -> d
     return {
         "tiles": len(images),
         "window_px": int(images[0].shape[0]),
+        "precision": segmenter.precision,
         "forward_ms_1_thread": forward * 1e3,
+        "forward_ms_1_thread_by_precision": {k: v * 1e3 for k, v in forward_by_precision.items()},
         "crf_ms_1_thread": {name: value * 1e3 for name, value in crf.items()},
     }
 
 
 def model_only(job: Any, blocks: list[Any], model: Path) -> dict[str, Any]:
-    """Forward passes alone over every window of the slide: one process, all threads, windows read first."""
+    """Forward passes alone over every window of the slide, windows read first, arranged as `wsiuda
+    segment` arranges them on this machine: in int8 one pass per core side by side on one thread each,
+    in float32 one pass at a time on all threads."""
+    import threading
+
     import torch
 
     from wsiuda.models import Segmenter
     from wsiuda.pipelines.segment import WindowReader
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    segmenter = Segmenter.load(model, device="cpu")
+    cores = os.cpu_count() or 1
+    segmenter = Segmenter.load(model, device="cpu", precision="auto")
+    side_by_side = cores if segmenter.precision == "int8" else 1
+    torch.set_num_threads(1 if side_by_side > 1 else cores)
     reader = WindowReader(job.source, job.scale)
     images = [reader.read(block.window) for block in blocks]
     reader.close()
+
+    def forward(share: list[np.ndarray]) -> None:
+        for image in share:
+            segmenter.predict(image[None])
+
     start = time.perf_counter()
-    for image in images:
-        segmenter.predict(image[None])
+    threads = [threading.Thread(target=forward, args=(images[i::side_by_side],)) for i in range(side_by_side)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     seconds = time.perf_counter() - start
-    return {"tiles": len(images), "seconds": seconds, "tiles_per_s": len(images) / seconds}
+    return {
+        "tiles": len(images),
+        "seconds": seconds,
+        "tiles_per_s": len(images) / seconds,
+        "precision": segmenter.precision,
+        "side_by_side": side_by_side,
+    }
 
 
 def crf_quality(model: Path, limit: int | None) -> dict[str, Any]:
@@ -369,14 +396,15 @@ def report(results: dict[str, Any]) -> str:
         "",
         f"Model: {results['model']}; U-Net width 16, depth 4, receptive field 200 px. `wsiuda segment` "
         "runs with its defaults unless the row says otherwise: local cluster of one worker per 2 cores "
-        "(here one worker, in the calling process, running 2 tasks at once, one of them in the network on "
-        "both cores), tile 1024, batch 1, CRF at half resolution (w1=1), backend auto "
+        "(here one worker, in the calling process, running 2 tasks at once), network in int8 "
+        "(`--precision auto` with the model's calibration; both tasks' forward passes side by side on one "
+        "thread each), CRF at half resolution (w1=1) in a helper process, tile 1024, batch 1, backend auto "
         "(tiffslide for these SVS files); wall time is process start to exit (cluster start-up included). "
         "The baseline is the issue's plain loop (OpenSlide read_region, resize to 0.25 µm/px, the network "
         "as loaded in NCHW float32, numpy stitch, cv2.findContours, no Dask) over the same windows as "
-        "wsiuda (tissue windows only, so tissue detection earns wsiuda nothing here); a second plain loop "
-        "calls wsiuda's `Segmenter.predict` (BatchNorm folded into the convolutions, channels_last), to "
-        "show which part of the speed-up is the faster forward pass.",
+        "wsiuda (tissue windows only, so tissue detection earns wsiuda nothing here); two more plain loops "
+        "call wsiuda's `Segmenter.predict` (BatchNorm folded into the convolutions, channels_last) in "
+        "float32 and in int8, to show which part of the speed-up is the faster forward pass.",
         "",
     ]
     for name, slide in results["slides"].items():
@@ -396,10 +424,14 @@ def report(results: dict[str, Any]) -> str:
             rows.append(("`wsiuda segment --workers 2`", slide["two_workers"]))
         if nocrf:
             rows.append(("`wsiuda segment --no-crf`", nocrf))
+        if slide.get("no_crf_float32"):
+            rows.append(("`wsiuda segment --no-crf --precision float32`", slide["no_crf_float32"]))
         if base:
             rows.append(("plain loop (no CRF, no split): the baseline", base))
         if slide.get("baseline_wsiuda_forward"):
-            rows.append(("plain loop calling `Segmenter.predict`", slide["baseline_wsiuda_forward"]))
+            rows.append(("plain loop calling `Segmenter.predict`, float32", slide["baseline_wsiuda_forward"]))
+        if slide.get("baseline_wsiuda_int8"):
+            rows.append(("plain loop calling `Segmenter.predict`, int8", slide["baseline_wsiuda_int8"]))
         for label, row in rows:
             ratio = f"{base['wall_s'] / row['wall_s']:.2f}x" if base else ""
             lines.append(
@@ -411,18 +443,20 @@ def report(results: dict[str, Any]) -> str:
         lines += [
             "",
             f"Window {e2e['window']} px for a 1024 core (halo {e2e['halo']} px). Per tile, one thread, "
-            f"{cost['tiles']} windows: forward {cost['forward_ms_1_thread']:.0f} ms "
-            f"; CRF "
+            f"{cost['tiles']} windows: forward "
+            + ", ".join(f"{k} {v:.0f} ms" for k, v in cost["forward_ms_1_thread_by_precision"].items())
+            + f"; CRF (against the {cost['precision']} forward pass) "
             + ", ".join(
                 f"{k} {v:.0f} ms ({v / cost['forward_ms_1_thread']:.2f}x forward)"
                 for k, v in cost["crf_ms_1_thread"].items()
             )
             + ".",
             "",
-            "Stage seconds summed over tasks (end-to-end run; tasks overlap, one in the network at a time): "
+            "Stage seconds summed over tasks (end-to-end run; tasks overlap): "
             + ", ".join(f"{k} {v:.1f}" for k, v in stages.items())
-            + f". Model only (forward passes over the same {slide['model_only']['tiles']} windows, one "
-            f"process, all threads): {slide['model_only']['seconds']:.1f} s, "
+            + f". Model only (forward passes over the same {slide['model_only']['tiles']} windows in "
+            f"{slide['model_only']['precision']}, {slide['model_only']['side_by_side']} at a time, as the "
+            f"pipeline runs them): {slide['model_only']['seconds']:.1f} s, "
             f"{slide['model_only']['tiles_per_s']:.3f} tiles/s. End to end takes "
             f"{slide['vs_model_only']:.2f}x model only + the CRF's single-thread time spread over the "
             f"cores: everything else is {slide['other_share']:.1%} of the wall time"
@@ -489,7 +523,7 @@ def targets(results: dict[str, Any]) -> list[str]:
         cost = slide["per_tile"]
         ratio = cost["crf_ms_1_thread"]["half resolution (default)"] / cost["forward_ms_1_thread"]
         out.append(
-            f"{name}: CRF (default, half res.) {ratio:.2f}x the forward time "
+            f"{name}: CRF (default, half res.) {ratio:.2f}x the {cost['precision']} forward time "
             f"(target <= 0.5x: {verdict(ratio <= 0.5)})"
         )
         if slide.get("baseline") and slide.get("no_crf"):
@@ -500,12 +534,15 @@ def targets(results: dict[str, Any]) -> list[str]:
             )
             with_crf = slide["baseline"]["wall_s"] / slide["end_to_end"]["wall_s"]
             out.append(f"{name}: with the CRF and nucleus splitting {with_crf:.2f}x the plain loop's speed")
-            if slide.get("baseline_wsiuda_forward"):
-                same = slide["baseline_wsiuda_forward"]["wall_s"] / slide["no_crf"]["wall_s"]
+            if slide.get("baseline_wsiuda_int8"):
+                same = slide["baseline_wsiuda_int8"]["wall_s"] / slide["no_crf"]["wall_s"]
                 out.append(
-                    f"{name}: `--no-crf` {same:.2f}x a plain loop that calls wsiuda's own inference "
+                    f"{name}: `--no-crf` {same:.2f}x a plain loop that calls wsiuda's own int8 inference "
                     "(the pipeline's share of the speed-up, without the faster forward pass)"
                 )
+            if slide.get("no_crf_float32"):
+                int8 = slide["no_crf_float32"]["wall_s"] / slide["no_crf"]["wall_s"]
+                out.append(f"{name}: `--no-crf` in int8 {int8:.2f}x the speed of `--precision float32`")
     quality = results["crf_quality"]
     if "dice" in quality:
         loss = quality["dice"]["full"] - quality["dice"]["half resolution (default)"]
@@ -568,8 +605,12 @@ def main() -> None:
         is_small_generated = name.startswith(f"generated {small}")
         if not is_small_generated:
             entry["no_crf"] = end_to_end(path, model, args.workdir / "e2e-nocrf", "--no-crf")
+            entry["no_crf_float32"] = end_to_end(
+                path, model, args.workdir / "e2e-nocrf-f32", "--no-crf", "--precision", "float32"
+            )
             entry["baseline"] = baseline(path, model, blocks, args.workdir, mode="plain")
-            entry["baseline_wsiuda_forward"] = baseline(path, model, blocks, args.workdir, mode="wsiuda")
+            entry["baseline_wsiuda_forward"] = baseline(path, model, blocks, args.workdir, mode="float32")
+            entry["baseline_wsiuda_int8"] = baseline(path, model, blocks, args.workdir, mode="int8")
         if name.startswith("CMU-1"):
             entry["two_workers"] = end_to_end(path, model, args.workdir / "e2e-2w", "--workers", "2")
         entry["per_tile"] = per_tile_costs(job, blocks, model, count=2 if args.quick else 4)

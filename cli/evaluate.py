@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from wsiuda.cli.options import device_option
+from wsiuda.cli.options import device_option, precision_option
 
 
 @click.command(name="evaluate")
@@ -40,6 +40,7 @@ from wsiuda.cli.options import device_option
     help="Foreground probability threshold.",
 )
 @device_option()
+@precision_option()
 @click.option(
     "-o",
     "--output",
@@ -56,6 +57,7 @@ def command(
     no_crf: bool,
     threshold: float,
     device: str,
+    precision: str,
     output: Path | None,
     quiet: bool,
 ) -> None:
@@ -72,6 +74,7 @@ def command(
         crf=not no_crf,
         threshold=threshold,
         device=device,
+        precision=precision,
     )
     evaluation = evaluate(config, progress=not quiet)
     click.echo(format_table(evaluation))

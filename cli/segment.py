@@ -13,6 +13,7 @@ from wsiuda.cli.options import (
     device_option,
     min_tissue_option,
     overwrite_option,
+    precision_option,
     slide_mpp_option,
     tile_option,
 )
@@ -33,6 +34,7 @@ log = logging.getLogger("wsiuda.cli.segment")
     "-m", "--model", type=click.Path(path_type=str), default=None, help="model.pt from `wsiuda adapt`."
 )
 @device_option()
+@precision_option()
 @click.option("--no-crf", "no_crf", is_flag=True, help="Skip the dense CRF refinement (faster).")
 @click.option(
     "--crf-downsample",
@@ -77,6 +79,7 @@ def command(
     output: str,
     model: str | None,
     device: str,
+    precision: str,
     no_crf: bool,
     crf_downsample: int | None,
     mpp: float | None,
@@ -108,6 +111,7 @@ def command(
         output=output,
         model=model,
         device=device,
+        precision=precision,
         crf=not no_crf,
         crf_params=DEFAULT_CRF if crf_downsample is None else replace(DEFAULT_CRF, downsample=crf_downsample),
         mpp=mpp,

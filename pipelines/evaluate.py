@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from wsiuda._version import __version__
-from wsiuda.config import atomic_write_text, config_to_dict, save_config
+from wsiuda.config import atomic_write_text, check_precision, config_to_dict, save_config
 from wsiuda.crf import DEFAULT_CRF, CrfParams, dense_crf
 from wsiuda.data import (
     find_pairs,
@@ -59,6 +59,8 @@ class EvaluateConfig:
     crf: bool = True
     threshold: float = 0.5
     device: str = "auto"
+    precision: str = "auto"
+    """float32, int8 (CPU) or auto (int8 on a CPU where the model carries its calibration), as in segment."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))
@@ -68,6 +70,7 @@ class EvaluateConfig:
             object.__setattr__(self, "output", Path(self.output))
         if self.data_mpp is not None and not self.data_mpp > 0:
             raise ConfigError(f"--mpp-of-data must be positive, got {self.data_mpp}")
+        check_precision(self.precision)
         if not 0 < self.threshold < 1:
             raise ConfigError(f"threshold must be between 0 and 1, got {self.threshold}")
         if self.split is not None and not self.split.strip():
@@ -189,9 +192,9 @@ def evaluate(
     data_mpp = resolve_data_mpp(config.data, config.data_mpp)
     if segmenter is None:
         segmenter = (
-            Segmenter.load_default(device=config.device)
+            Segmenter.load_default(device=config.device, precision=config.precision)
             if config.model is None
-            else Segmenter.load(config.model, device=config.device)
+            else Segmenter.load(config.model, device=config.device, precision=config.precision)
         )
     log.info(
         "scoring %d images of %s (at %g µm/px) with a %s model at %g µm/px%s",

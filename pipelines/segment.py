@@ -36,7 +36,7 @@ import numpy as np
 
 from wsiuda import __version__
 from wsiuda.blocks import Block, batches, halo_px, nucleus_reach_px, plan_blocks, window_size
-from wsiuda.config import atomic_write_text, config_to_dict, save_config
+from wsiuda.config import atomic_write_text, check_precision, config_to_dict, save_config
 from wsiuda.crf import DEFAULT_CRF, CrfParams, crf_reach_px, dense_crf
 from wsiuda.errors import ConfigError, ModelError, OutputError, SlideError, WsiudaError
 from wsiuda.geometry import Region
@@ -44,6 +44,7 @@ from wsiuda.instances import centroids, label_nuclei, owned_nuclei
 from wsiuda.io.dispatch import BACKENDS
 from wsiuda.io.geojson import GEOJSON_SUFFIXES, GeoJsonWriter, dump_feature, feature_id, nucleus_feature
 from wsiuda.io.maskstore import MaskStore, label_dtype
+from wsiuda.pipelines.crf_helper import crf_in_helper, shutdown_helper
 from wsiuda.polygons import nucleus_polygons
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ class SegmentConfig:
     model: str | None = None
     """A model.pt from ``wsiuda adapt``; None takes the default model."""
     device: str = "auto"
+    precision: str = "auto"
+    """float32, int8 (CPU only) or auto: int8 on a CPU where the model file carries its int8 calibration."""
     crf: bool = True
     crf_params: CrfParams = DEFAULT_CRF
     mpp: float | None = None
@@ -129,6 +132,7 @@ class SegmentConfig:
             raise ConfigError(f"min tissue must be in [0, 1], got {self.min_tissue}")
         if self.min_nucleus_area_um2 < 0 or self.split_depth_um < 0:
             raise ConfigError("nucleus area and split depth must be non-negative")
+        check_precision(self.precision)
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown --backend {self.backend!r} (one of {', '.join(BACKENDS)})")
         if isinstance(self.crf_params, dict):  # rebuilt from YAML
@@ -153,6 +157,10 @@ class NetworkInfo:
     """Names the weights in the resume fingerprint (a file hash for model files)."""
     batch_size: int = 1
     """Tiles per batch unless the config says otherwise."""
+    precision: str = "float32"
+    """The arithmetic the network runs in (float32 or int8)."""
+    concurrent_forwards: int = 1
+    """Tasks of one worker that may be in the network at once (see _network_slots)."""
 
 
 @dataclass(frozen=True)
@@ -162,32 +170,63 @@ class ModelPredictor:
     path: str
     device: str = "auto"
     batch_size: int = 1
+    precision: str = "float32"
+    torch_threads: int = 0
+    """Threads of each forward pass (0: torch's default, all the worker's cores)."""
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        return load_segmenter(self.path, self.device).predict(images, batch_size=self.batch_size)
+        segmenter = load_segmenter(self.path, self.device, self.precision, self.torch_threads)
+        return segmenter.predict(images, batch_size=self.batch_size)
 
 
-_SEGMENTERS: dict[tuple[str, str], Any] = {}
+_SEGMENTERS: dict[tuple[str, str, str], Any] = {}
 _SEGMENTERS_LOCK = threading.Lock()
-_NETWORK_LOCK = threading.Lock()
+_NETWORK_SLOTS: dict[int, threading.Semaphore] = {}
 
 
-def load_segmenter(path: str, device: str) -> Any:
+def load_segmenter(path: str, device: str, precision: str, torch_threads: int = 0) -> Any:
     """The Segmenter of a model file, loaded once per process and shared by its task threads."""
-    key = (str(path), device)
+    key = (str(path), device, precision)
     with _SEGMENTERS_LOCK:
         if key not in _SEGMENTERS:
             from wsiuda.models import Segmenter
 
-            _SEGMENTERS[key] = Segmenter.load(path, device=device)
+            _SEGMENTERS[key] = Segmenter.load(path, device=device, precision=precision)
+        if torch_threads:
+            import torch
+
+            if torch.get_num_threads() != torch_threads:
+                torch.set_num_threads(torch_threads)
         return _SEGMENTERS[key]
 
 
-def describe_model(path: str, device: str) -> tuple[float, int, int, str]:
-    """(mpp, receptive field px, depth, device type) of a model file; loads it into this process's cache."""
-    segmenter = load_segmenter(path, device)
+def _network_slots(count: int) -> threading.Semaphore:
+    """The tasks of this process that may be in the network at once.
+
+    In float32 that is one, on all the worker's cores: two float32 forward passes side by side were no
+    faster and took RSS past 2 GB. int8 passes are compute-bound and small: two side by side on one thread
+    each gave 1.22x the throughput of one on two threads, at 1.1 GB (1456 px windows, 2 cores;
+    benchmarks/results/segment_throughput.md).
+    """
+    with _SEGMENTERS_LOCK:
+        return _NETWORK_SLOTS.setdefault(count, threading.Semaphore(count))
+
+
+def describe_model(path: str, device: str, precision: str) -> tuple[float, int, int, str, str]:
+    """(mpp, receptive field px, depth, device type, precision) of a model file, as loaded in this process.
+
+    The precision comes back resolved (``auto`` becomes what this worker runs), so that every worker is
+    then asked for exactly that.
+    """
+    segmenter = load_segmenter(path, device, precision)
     meta = segmenter.meta
-    return float(meta.mpp), int(meta.receptive_field_px), int(meta.depth), str(segmenter.device.type)
+    return (
+        float(meta.mpp),
+        int(meta.receptive_field_px),
+        int(meta.depth),
+        str(segmenter.device.type),
+        str(segmenter.precision),
+    )
 
 
 def model_path(config: SegmentConfig) -> Path:
@@ -214,20 +253,25 @@ def resolve_model(config: SegmentConfig, run: Runner) -> tuple[ModelPredictor, N
     The worker keeps it for its first tiles. A bad file fails here, before any slide is touched.
     """
     path = model_path(config)
-    ((_, described),) = list(run(describe_model, [((str(path), config.device), None)]))
+    ((_, described),) = list(run(describe_model, [((str(path), config.device, config.precision), None)]))
     if isinstance(described, BaseException):
         raise described
-    mpp, receptive_field, depth, device_type = described
+    mpp, receptive_field, depth, device_type, precision = described
     batch_size = config.batch_size or (4 if device_type == "cuda" else 1)
+    tasks = _threads_per_worker(config)
+    concurrent = tasks if precision == "int8" and tasks > 1 else 1
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     info = NetworkInfo(
         mpp=mpp,
         receptive_field_px=receptive_field,
         align=2**depth,
-        identity=f"{path.name}:{digest}",
+        identity=f"{path.name}:{digest}:{precision}",
         batch_size=batch_size,
+        precision=precision,
+        concurrent_forwards=concurrent,
     )
-    return ModelPredictor(str(path), config.device, batch_size), info
+    predictor = ModelPredictor(str(path), config.device, batch_size, precision, 1 if concurrent > 1 else 0)
+    return predictor, info
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -369,6 +413,10 @@ class SlideJob:
     crf_reach_px: int
     threads: int = 0
     """OpenCV threads per task (0: OpenCV's default); tasks sharing a machine compute on one thread each."""
+    crf_helper: bool = False
+    """Run the CRF in a helper process (see crf_helper), where tasks of one worker run side by side."""
+    network_slots: int = 1
+    """Tasks of one worker that may be in the network at once."""
 
 
 @dataclass(frozen=True)
@@ -403,7 +451,7 @@ def process_blocks(
     finally:
         reader.close()
     read_s = (time.perf_counter() - clock) / len(blocks)
-    with _NETWORK_LOCK:  # one task of this process in the network at a time, on all its threads
+    with _network_slots(job.network_slots):
         clock = time.perf_counter()
         probabilities = np.asarray(predictor(images), dtype=np.float32)
         predict_s = (time.perf_counter() - clock) / len(blocks)
@@ -440,7 +488,8 @@ def _finish_block(
     clock = time.perf_counter()
     if job.crf is not None:
         crf_image, crf_probability = image[crf_box.as_slices()], probability[crf_box.as_slices()]
-        refined = dense_crf(crf_image, crf_probability, job.crf)[inner.as_slices()]
+        refine = crf_in_helper if job.crf_helper else dense_crf
+        refined = refine(crf_image, crf_probability, job.crf)[inner.as_slices()]
     else:
         refined = probability[nuclei_box.as_slices()]
     stats["crf_s"], clock = _lap(clock)
@@ -654,12 +703,15 @@ def segment(
     outputs, config_path = plan_outputs(config, sources)
     if predictor is None:
         model_path(config)  # fail fast, before a cluster starts
-    with _runner(config) as run:
-        if predictor is None:
-            predictor, network = resolve_model(config, run)
-        assert network is not None
-        save_config(config, config_path, command="segment")
-        return _segment(config, sources, outputs, predictor, network, run, progress=progress)
+    try:
+        with _runner(config) as run:
+            if predictor is None:
+                predictor, network = resolve_model(config, run)
+            assert network is not None
+            save_config(config, config_path, command="segment")
+            return _segment(config, sources, outputs, predictor, network, run, progress=progress)
+    finally:
+        shutdown_helper()  # where tasks ran in this process; a worker process's helper ends with it
 
 
 def _segment(
@@ -792,14 +844,14 @@ def local_workers(config: SegmentConfig) -> int:
 def _threads_per_worker(config: SegmentConfig) -> int:
     """Tasks a worker runs at once (0: in this process, one at a time).
 
-    A local worker runs one task per core it owns. Only one of them is in the network at a time (a lock in
-    :func:`process_blocks`), on all those cores, while the others read, run the CRF and trace nuclei on
-    one thread each, so memory stays at one window in the network per worker. With a GPU the CPU steps
-    overlap the network. On a 2-core CPU they share the cores with it, and pydensecrf holds the GIL while
-    it runs, which stalls the other task's forward pass meanwhile. Two single-threaded forward passes at
-    once were no faster (they contend for memory bandwidth) and took RSS past 2 GB, and giving the network
-    only the cores that busy tasks leave free was no faster either. A worker of an existing cluster keeps
-    one task at a time, as its threads are that cluster's to set.
+    A local worker runs one task per core it owns. In float32 only one of them is in the network at a
+    time, on all those cores; in int8 each task's forward pass runs on one thread, side by side (see
+    :func:`_network_slots`). The other tasks read, run the CRF and trace nuclei on one thread each. With a
+    GPU the CPU steps overlap the network; on a CPU they share the cores with it. pydensecrf holds the
+    GIL while it runs, so such a worker runs its CRFs in a helper process (see crf_helper): in the
+    worker, a CRF would stall the other task's forward pass. Giving the network only the cores that busy
+    tasks leave free was no faster. A worker of an existing cluster keeps one task at a time, as its
+    threads are that cluster's to set.
     """
     if config.scheduler == SCHEDULER_SYNC:
         return 0
@@ -829,11 +881,12 @@ def _client(config: SegmentConfig) -> Iterator[Any]:
     workers = local_workers(config)
     threads = _threads_per_worker(config)
     # torch in each worker gets the worker's share of the cores (it reads these when it starts).
-    environ = {
+    settings: dict[str, Any] = {
         f"distributed.nanny.pre-spawn-environ.{name}": str(threads)
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
     }
-    with dask.config.set(environ):
+    settings["distributed.worker.daemon"] = False  # so that a worker may start its CRF helper process
+    with dask.config.set(settings):
         cluster = LocalCluster(
             n_workers=workers,
             threads_per_worker=threads,
@@ -912,6 +965,8 @@ def _prepare(
         nucleus_reach_px=reach,
         crf_reach_px=crf_reach_px(crf) if crf is not None else 0,
         threads=1 if _threads_per_worker(config) else 0,
+        crf_helper=_threads_per_worker(config) > 1,
+        network_slots=network.concurrent_forwards,
     )
     crops = [_tissue_crop(geometry.tissue, block.core, scale) for block in todo]
     size = config.batch_size or network.batch_size
@@ -926,6 +981,7 @@ def _prepare(
             "workers": local_workers(config) if not config.scheduler else None,
             "threads_per_worker": _threads_per_worker(config) or None,
             "batch_size": size,
+            "precision": network.precision,
         },
         "working": {
             "mpp": working_mpp,

@@ -86,7 +86,7 @@ def test_crop_core_refuses_arrays_of_another_size() -> None:
 
 
 # --------------------------------------------------------------------------------- tiled equals whole
-def tiny_unet_predictor(depth: int = 2):  # type: ignore[no-untyped-def]
+def tiny_unet_predictor(depth: int = 2, precision: str = "float32"):  # type: ignore[no-untyped-def]
     import torch
 
     from wsiuda.models import ModelMeta, Segmenter, build_unet
@@ -97,7 +97,10 @@ def tiny_unet_predictor(depth: int = 2):  # type: ignore[no-untyped-def]
     network = build_unet(width=4, depth=depth)
     with torch.no_grad():  # spread the untrained network's output over (0, 1) so differences show
         network.head.weight.mul_(30.0)
-    return Segmenter.from_network(network, meta, device="cpu")
+    if precision == "int8":
+        images = list(np.random.default_rng(9).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8))
+        meta = Segmenter.from_network(network, meta).calibrated_meta(images)
+    return Segmenter.from_network(network, meta, device="cpu", precision=precision)
 
 
 def tiled_prediction(image: np.ndarray, predict, *, tile: int, halo: int, align: int) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -113,9 +116,15 @@ def tiled_prediction(image: np.ndarray, predict, *, tile: int, halo: int, align:
     return out
 
 
-@pytest.mark.parametrize(("tile", "extra_halo"), [(37, 5), (64, 0), (90, 3)])
-def test_tiled_prediction_equals_whole_image_prediction_in_the_interior(tile: int, extra_halo: int) -> None:
-    segmenter = tiny_unet_predictor()
+@pytest.mark.parametrize(
+    ("tile", "extra_halo", "precision"),
+    [(37, 5, "float32"), (64, 0, "float32"), (90, 3, "float32"), (37, 5, "int8"), (90, 3, "int8")],
+)
+def test_tiled_prediction_equals_whole_image_prediction_in_the_interior(
+    tile: int, extra_halo: int, precision: str
+) -> None:
+    """Also in int8: its ranges are fixed by the calibration, not by what a tile holds."""
+    segmenter = tiny_unet_predictor(precision=precision)
     rng = np.random.default_rng(2)
     image = rng.integers(0, 255, (200, 236, 3), dtype=np.uint8)  # sides multiples of 2**depth: no padding
     whole = segmenter.predict(image[None])[0]

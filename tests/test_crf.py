@@ -90,3 +90,21 @@ def test_uncertain_mode_keeps_confident_blocks_as_they_are() -> None:
     refined = dense_crf(image, confident, CrfParams(uncertain_margin=0.3, block=64))
     np.testing.assert_array_equal(refined[:64, :64], confident[:64, :64])
     assert not np.array_equal(refined[64:, 64:], confident[64:, 64:])
+
+
+def test_the_crf_helper_process_gives_the_worker_the_same_result() -> None:
+    import os
+
+    from wsiuda.pipelines import crf_helper
+
+    image, _, probability = scene(seed=3)
+    try:
+        refined = crf_helper.crf_in_helper(image, probability, CrfParams(downsample=2))
+        helper = crf_helper._HELPER
+        assert helper is not None, "no helper process was started"
+        pids = {process.pid for process in helper._processes.values()}
+        assert pids and os.getpid() not in pids  # it ran in another process
+    finally:
+        crf_helper.shutdown_helper()
+    np.testing.assert_array_equal(refined, dense_crf(image, probability, CrfParams(downsample=2)))
+    assert crf_helper._HELPER is None

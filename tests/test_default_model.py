@@ -24,3 +24,12 @@ def test_default_model_scores_nuclei_above_background() -> None:
     probability = Segmenter.load_default(device="cpu").predict(image[None])[0]
     assert probability.shape == image.shape[:2]
     assert probability[nuclei].mean() > probability[~nuclei].mean() + 0.3
+
+
+def test_default_model_runs_in_int8_on_a_cpu_like_in_float32() -> None:
+    image = synthetic_he((256, 256), seed=4)
+    fast = Segmenter.load_default(device="cpu", precision="auto")
+    assert fast.precision == "int8"
+    exact = Segmenter.load_default(device="cpu", precision="float32").predict(image[None])[0] >= 0.5
+    agree = (fast.predict(image[None])[0] >= 0.5) == exact
+    assert exact.any() and agree.mean() > 0.99

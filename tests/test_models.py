@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from wsiuda.errors import ModelError
+from wsiuda.errors import ConfigError, ModelError
 from wsiuda.models import (
     FORMAT_VERSION,
     ModelMeta,
@@ -91,6 +91,43 @@ def test_predict_returns_probabilities_for_any_size_and_matches_unpadded() -> No
     np.testing.assert_allclose(segmenter.predict(square), single, atol=1e-5)
     with pytest.raises(ValueError, match="uint8"):
         segmenter.predict(images.astype(np.float32))
+
+
+# ------------------------------------------------------------------------------------------------ int8
+def calibrated(network: torch.nn.Module, meta: ModelMeta) -> ModelMeta:
+    images = list(np.random.default_rng(5).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8))
+    return Segmenter.from_network(network, meta).calibrated_meta(images)
+
+
+def test_int8_follows_float32_and_auto_takes_it_only_with_a_calibration() -> None:
+    torch.manual_seed(2)
+    network, meta = build_unet(width=4, depth=2), tiny_meta()
+    assert Segmenter.from_network(network, meta, precision="auto").precision == "float32"
+    with pytest.raises(ModelError, match="no int8 calibration"):
+        Segmenter.from_network(network, meta, precision="int8")
+    with pytest.raises(ConfigError, match="unknown precision"):
+        Segmenter.from_network(network, meta, precision="int4")
+
+    meta = calibrated(network, meta)
+    assert meta.activation_ranges and all(low <= high for low, high in meta.activation_ranges.values())
+    exact = Segmenter.from_network(network, meta, precision="float32")
+    fast = Segmenter.from_network(network, meta, precision="auto")
+    assert fast.precision == "int8"
+    images = np.random.default_rng(6).integers(0, 256, (2, 48, 48, 3), dtype=np.uint8)
+    difference = np.abs(fast.predict(images) - exact.predict(images))
+    assert 0 < difference.mean() < 0.02  # integer arithmetic: close, not equal
+
+
+def test_int8_calibration_travels_in_the_model_file(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    network = build_unet(width=4, depth=2)
+    meta = calibrated(network, tiny_meta())
+    save_model(tmp_path / "model.pt", network, meta)
+    loaded = Segmenter.load(tmp_path / "model.pt", device="cpu", precision="auto")
+    assert loaded.precision == "int8" and loaded.meta == meta
+    images = np.random.default_rng(7).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+    in_memory = Segmenter.from_network(network, meta, precision="int8")
+    np.testing.assert_array_equal(loaded.predict(images), in_memory.predict(images))
 
 
 def test_model_file_round_trip(tmp_path: Path) -> None:

@@ -133,10 +133,32 @@ def test_runs_on_a_dask_cluster_at_an_address(tmp_path: Path, small_slide: Path,
     assert (tmp_path / "a.geojson").read_bytes() == (tmp_path / "b.geojson").read_bytes()
 
 
+@pytest.fixture(scope="module")
+def calibrated_dark_model(tmp_path_factory: pytest.TempPathFactory, dark_model: Path) -> Path:
+    """The dark model with an int8 calibration, so that segment runs it in int8 (--precision auto)."""
+    from synthetic import synthetic_he
+
+    from wsiuda.models import Segmenter, save_model
+
+    segmenter = Segmenter.load(dark_model, device="cpu")
+    meta = segmenter.calibrated_meta([synthetic_he((128, 128), seed=seed) for seed in range(3)])
+    path = tmp_path_factory.mktemp("models") / "dark-int8.pt"
+    save_model(path, segmenter.network, meta)
+    return path
+
+
+@pytest.mark.parametrize("variant", ["float32, no CRF", "int8, CRF"])
 def test_one_local_worker_runs_in_this_process(
-    tmp_path: Path, small_slide: Path, dark_model: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    small_slide: Path,
+    dark_model: Path,
+    calibrated_dark_model: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    variant: str,
 ) -> None:
-    """One local worker runs in this process, a task per core sharing the cores; same GeoJSON as sync."""
+    """One local worker runs in this process, a task per core sharing the cores; same GeoJSON as sync.
+
+    In int8 the tasks' forward passes run side by side and the CRF runs in a helper process."""
     import distributed
 
     made: list[bool] = []
@@ -146,10 +168,14 @@ def test_one_local_worker_runs_in_this_process(
         return distributed.deploy.local.LocalCluster(**kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(distributed, "LocalCluster", recording_cluster)
-    common = ["-m", str(dark_model), "--tile", "128", "--device", "cpu", "--no-crf"]
+    model = calibrated_dark_model if variant.startswith("int8") else dark_model
+    common = ["-m", str(model), "--tile", "128", "--device", "cpu"]
+    common += ["--no-crf"] if "no CRF" in variant else []
     local = run(str(small_slide), "-o", str(tmp_path / "a.geojson"), "--workers", "1", *common)
     assert local.exit_code == 0, local.output
     assert made == [False]
+    summary = json.loads((tmp_path / "a.summary.json").read_text())
+    assert summary["run"]["precision"] == variant.split(",")[0]
     sync = run(str(small_slide), "-o", str(tmp_path / "b.geojson"), "--scheduler", "sync", *common)
     assert sync.exit_code == 0, sync.output
     assert len(load_features(tmp_path / "a.geojson")) > 5

@@ -102,6 +102,7 @@ def test_every_preset_trains_and_writes_a_usable_run(
     segmenter = Segmenter.load(run / "model.pt", device="cpu")
     assert segmenter.meta.method.startswith(method)
     assert segmenter.meta.normalisation["scheme"] == "meanstd"
+    assert segmenter.meta.activation_ranges, "model.pt carries no int8 calibration"
     assert {d["name"] for d in segmenter.meta.training_data} >= {"source"}
     assert segmenter.predict(np.zeros((1, 40, 40, 3), dtype=np.uint8)).shape == (1, 40, 40)
 

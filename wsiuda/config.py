@@ -13,8 +13,18 @@ from typing import Any, TypeVar
 import yaml
 
 from wsiuda._version import __version__
+from wsiuda.errors import ConfigError
 
 C = TypeVar("C")
+
+PRECISIONS = ("auto", "float32", "int8")
+"""Arithmetic of the network at inference; ``auto`` is int8 on a CPU when the model file carries an int8
+calibration (see wsiuda.models.quantize), else float32."""
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -63,6 +63,9 @@ class ModelMeta:
     """One ``{"name": ..., "license": ...}`` per dataset the weights were trained on (source and target)."""
     config: dict[str, Any] = field(default_factory=dict)
     """The training run's config, as plain data (informational)."""
+    activation_ranges: dict[str, list[float]] = field(default_factory=dict)
+    """int8 calibration: the observed (min, max) of each quantized activation (see wsiuda.models.quantize);
+    empty: the model runs in float32 only."""
     wsiuda_version: str = __version__
     format_version: int = FORMAT_VERSION
 

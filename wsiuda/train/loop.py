@@ -130,6 +130,23 @@ def mean_dice(segmenter: Segmenter, images: Sequence[LabelledImage]) -> float | 
     return float(np.mean(scores))
 
 
+def calibration_images(data: RunData, *, count: int = 4, size: int = 512) -> list[np.ndarray]:
+    """Images the saved model's int8 ranges are observed on: ``count`` source images (validation images
+    where there are some, else training images, spread over the list; centre crops of at most ``size`` px)
+    and, since the model is meant for the target, ``count`` fixed random crops of the unlabelled target."""
+    images = [item.image for item in data.val] or [item.image for s in data.train for item in s.images]
+    chosen = [_centre_crop(image, size) for image in images[:: max(1, len(images) // count)][:count]]
+    rng = np.random.default_rng(0)  # the same crops at every save
+    for pool in data.targets:
+        chosen += list(pool.sample(rng, count=max(1, count // len(data.targets)), size=size))
+    return chosen
+
+
+def _centre_crop(image: np.ndarray, size: int) -> np.ndarray:
+    y0, x0 = max(0, (image.shape[0] - size) // 2), max(0, (image.shape[1] - size) // 2)
+    return image[y0 : y0 + size, x0 : x0 + size]
+
+
 # ------------------------------------------------------------------------------------------------- setup
 def initial_network(config: AdaptConfig) -> tuple[nn.Module, dict[str, Any] | None, dict[str, Any]]:
     """S, its normalisation when it comes from a trained model (else None), and its architecture."""
@@ -405,7 +422,8 @@ class Run:
         )
         if improved:
             self.best_dice, self.best_epoch = source_dice, self.epoch
-            save_model(self.out / MODEL, self.trainer.s, self.meta)
+            meta = segmenter.calibrated_meta(calibration_images(self.data))
+            save_model(self.out / MODEL, self.trainer.s, meta)
         entry["best_epoch"] = self.best_epoch
         self.history.append(entry)
         self.save_checkpoint()

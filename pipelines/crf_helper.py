@@ -1,0 +1,69 @@
+"""The dense CRF in a helper process, so that it does not stall the rest of a segment worker.
+
+pydensecrf holds the GIL for the whole of its inference. In a worker that runs one task in the network and
+another in the CRF at the same time, that stops the network's Python code, and with it the forward pass,
+for as long as the CRF runs: on two cores a tile's forward pass took 135 s beside a CRF loop against 3.7 s
+alone. A helper process has a GIL of its own. It imports only numpy, OpenCV and pydensecrf (no torch, no
+model), so it costs tens of MB, and a tile's crop travels to it and back through a pipe in milliseconds.
+
+Each worker process starts one helper the first time it needs it and keeps it. Where a process may not
+start children (a daemonic worker of someone else's cluster), or the helper dies, the CRF runs in the
+calling thread, as it would without the helper.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import numpy as np
+
+from wsiuda.crf import CrfParams, dense_crf
+
+log = logging.getLogger(__name__)
+
+_HELPER: ProcessPoolExecutor | None = None
+_HELPER_LOCK = threading.Lock()
+_DISABLED = False
+"""Set once a helper has died in this process: the CRF then stays in the calling thread."""
+
+
+def crf_in_helper(image: np.ndarray, probability: np.ndarray, params: CrfParams) -> np.ndarray:
+    """:func:`wsiuda.crf.dense_crf`, run in this process's helper where it can have one."""
+    helper = _helper()
+    if helper is not None:
+        try:
+            return helper.submit(dense_crf, image, probability, params).result()
+        except BrokenProcessPool:
+            log.warning("the CRF helper process died; running the CRF in the worker from now on")
+            _disable()
+    return dense_crf(image, probability, params)
+
+
+def shutdown_helper() -> None:
+    """Stop this process's helper (the next CRF starts a new one)."""
+    global _HELPER
+    with _HELPER_LOCK:
+        helper, _HELPER = _HELPER, None
+    if helper is not None:
+        helper.shutdown(wait=True)
+
+
+def _disable() -> None:
+    global _DISABLED
+    _DISABLED = True
+    shutdown_helper()
+
+
+def _helper() -> ProcessPoolExecutor | None:
+    global _HELPER
+    if _DISABLED or multiprocessing.current_process().daemon:  # daemonic processes may not have children
+        return None
+    with _HELPER_LOCK:
+        if _HELPER is None:
+            # spawn, not fork: a forked copy of a worker would carry torch's thread pools and the model.
+            _HELPER = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        return _HELPER
