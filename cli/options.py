@@ -56,7 +56,7 @@ def precision_option() -> Callable[[F], F]:
         type=click.Choice(["auto", "float32", "int8"]),
         default="auto",
         show_default=True,
-        help="Arithmetic of the network: int8 is about 1.4x faster on a CPU with the same Dice; auto uses "
+        help="Arithmetic of the network: int8 is about 1.3x faster on a CPU with the same Dice; auto uses "
         "it on a CPU when the model file carries an int8 calibration (models from `wsiuda adapt` and the "
         "default model do), else float32.",
     )

@@ -191,7 +191,9 @@ def load_segmenter(path: str, device: str, precision: str, torch_threads: int = 
         if key not in _SEGMENTERS:
             from wsiuda.models import Segmenter
 
-            _SEGMENTERS[key] = Segmenter.load(path, device=device, precision=precision)
+            segmenter = Segmenter.load(path, device=device, precision=precision)
+            # Also under the precision it resolved to, which is what the tasks ask for after describe_model.
+            _SEGMENTERS[key] = _SEGMENTERS[(str(path), device, segmenter.precision)] = segmenter
         if torch_threads:
             import torch
 
@@ -203,10 +205,10 @@ def load_segmenter(path: str, device: str, precision: str, torch_threads: int = 
 def _network_slots(count: int) -> threading.Semaphore:
     """The tasks of this process that may be in the network at once.
 
-    In float32 that is one, on all the worker's cores: two float32 forward passes side by side were no
-    faster and took RSS past 2 GB. int8 passes are compute-bound and small: two side by side on one thread
-    each gave 1.22x the throughput of one on two threads, at 1.1 GB (1456 px windows, 2 cores;
-    benchmarks/results/segment_throughput.md).
+    In float32 that is one, on all the worker's cores: two float32 passes side by side on one thread each
+    gave only 1.09x the throughput and took RSS to 2.2 GB. int8 passes are compute-bound and small: side
+    by side they gave 1.22x the throughput of one at a time on both threads, at 1.1 GB (measured on the
+    default model, 1456 px windows, 2 cores: 1.58 s against 1.93 s a window).
     """
     with _SEGMENTERS_LOCK:
         return _NETWORK_SLOTS.setdefault(count, threading.Semaphore(count))
