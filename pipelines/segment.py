@@ -206,9 +206,9 @@ def _network_slots(count: int) -> threading.Semaphore:
     """The tasks of this process that may be in the network at once.
 
     In float32 that is one, on all the worker's cores: two float32 passes side by side on one thread each
-    gave only 1.09x the throughput and took RSS to 2.2 GB. int8 passes are compute-bound and small: side
-    by side they gave 1.22x the throughput of one at a time on both threads, at 1.1 GB (measured on the
-    default model, 1456 px windows, 2 cores: 1.58 s against 1.93 s a window).
+    are faster (1.09-1.32x in two measurements) but take a process past 2 GB (2.3 GB). int8 activations
+    are a quarter the size: side by side they gave 1.25x the throughput of one at a time on both threads,
+    at 1.1 GB (default model, 1456 px windows, 2 cores; benchmarks/results/forward_arrangements.md).
     """
     with _SEGMENTERS_LOCK:
         return _NETWORK_SLOTS.setdefault(count, threading.Semaphore(count))
