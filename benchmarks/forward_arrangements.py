@@ -79,7 +79,8 @@ def main() -> None:
     lines = [
         "# Forward passes: one at a time on all threads, or side by side on one thread each",
         "",
-        f"Machine: {hw['cpus']} CPU cores ({hw['cpu_model']}), {hw['memory_gb']} GB RAM, no GPU; {hw['note']}. "
+        f"Machine: {hw['cpus']} CPU cores ({hw['cpu_model']}), {hw['memory_gb']} GB RAM, no GPU; "
+        f"{hw['note']}. "
         f"Command: `{results['command']}`, {results['date']}. The default model, {WINDOW} px windows, "
         f"{PASSES_PER_THREAD} passes per thread after a warm-up, one process per row.",
         "",
