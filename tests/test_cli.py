@@ -23,6 +23,24 @@ def test_console_script_is_installed_and_reports_version() -> None:
     assert __version__ in result.stdout
 
 
+def test_console_script_exit_codes_and_flushed_output(tmp_path: Path) -> None:
+    # The script leaves by os._exit after the command: what it printed must still arrive, with the code.
+    script = Path(sys.executable).parent / "wsiuda"
+    command = str(script) if script.exists() else "wsiuda"
+    listing = subprocess.run([command, "--help"], capture_output=True, text=True)
+    assert listing.returncode == 0
+    assert all(name in listing.stdout for name in COMMANDS)
+    missing = tmp_path / "missing.svs"
+    failed = subprocess.run(
+        [command, "segment", str(missing), "-o", str(tmp_path / "n.geojson")], capture_output=True, text=True
+    )
+    assert failed.returncode == 1
+    assert f"Error: {missing}: no such file" in failed.stderr
+    wrong = subprocess.run([command, "segment", "--no-such-option"], capture_output=True, text=True)
+    assert wrong.returncode == 2
+    assert "No such option" in wrong.stderr
+
+
 def test_no_top_level_cli_or_pipelines_package_is_installed() -> None:
     import importlib.util
 

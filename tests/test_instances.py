@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import pytest
+from scipy import ndimage as ndi
 
 from wsiuda.geometry import Region
-from wsiuda.instances import centroids, label_nuclei, owned_nuclei, touching_edge
+from wsiuda.instances import centroids, fill_holes, label_nuclei, owned_nuclei, touching_edge
 
 
 def disks(shape: tuple[int, int], circles: list[tuple[int, int, int]]) -> np.ndarray:
@@ -69,3 +71,22 @@ def test_owned_nuclei_have_their_centroid_in_the_core_and_are_not_cut() -> None:
     ids, points = owned_nuclei(labels, core)
     assert ids.tolist() == [1, 3]
     assert points.shape == (2, 2)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_hole_filling_matches_scipy(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(40):
+        height, width = (int(side) for side in rng.integers(1, 50, size=2))
+        mask = rng.random((height, width)) < rng.uniform(0.2, 0.9)
+        if rng.random() < 0.5:  # blobs with holes and channels as well as speckle
+            mask = ndi.binary_dilation(mask)
+        np.testing.assert_array_equal(fill_holes(mask), ndi.binary_fill_holes(mask))
+
+
+def test_hole_filling_edge_cases() -> None:
+    ring = np.ones((5, 5), bool)
+    ring[1:-1, 1:-1] = False  # one background region, enclosed: a hole
+    assert fill_holes(ring).all()
+    for mask in (np.zeros((4, 4), bool), np.ones((4, 4), bool), np.zeros((0, 3), bool)):
+        np.testing.assert_array_equal(fill_holes(mask), ndi.binary_fill_holes(mask))
