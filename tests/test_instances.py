@@ -90,3 +90,22 @@ def test_hole_filling_edge_cases() -> None:
     assert fill_holes(ring).all()
     for mask in (np.zeros((4, 4), bool), np.ones((4, 4), bool), np.zeros((0, 3), bool)):
         np.testing.assert_array_equal(fill_holes(mask), ndi.binary_fill_holes(mask))
+
+
+def test_nuclei_do_not_depend_on_the_opencv_thread_count() -> None:
+    # OpenCV's distance transform rounds differently with its thread count; the nuclei must not follow.
+    from synthetic import synthetic_he
+
+    image = synthetic_he((700, 900), seed=11, tissue=0.6)
+    probability = np.clip((150.0 - image.mean(axis=-1)) / 40.0 + 0.5, 0.0, 1.0).astype(np.float32)
+    threads = cv2.getNumThreads()
+    try:
+        labelled = []
+        for count in (1, 2, 4):
+            cv2.setNumThreads(count)
+            labelled.append(label_nuclei(probability, split_depth_px=2.0))
+    finally:
+        cv2.setNumThreads(threads)
+    assert labelled[0].max() > 50
+    for other in labelled[1:]:
+        np.testing.assert_array_equal(other, labelled[0])
