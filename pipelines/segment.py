@@ -1203,7 +1203,7 @@ def _thumbnail(slide: _Slide, size: int) -> tuple[np.ndarray, float]:
     import cv2
 
     from wsiuda.io import open_slide
-    from wsiuda.tiling import read_thumbnail, working_shape
+    from wsiuda.tiling import effective_downsample, level_for_scale, read_thumbnail, working_shape
 
     level0 = slide.job.level0_shape
     pixel_size = max(1.0, max(level0) / size)
@@ -1211,9 +1211,12 @@ def _thumbnail(slide: _Slide, size: int) -> tuple[np.ndarray, float]:
     path = slide.metadata.get("slide", {}).get("path", slide.source.path)
     try:
         with open_slide(path, backend=slide.source.backend, slide_mpp=slide.source.slide_mpp) as reader:
-            # Read at a whole number of level-0 px per pixel, then shrink the rest of the way: the exact,
-            # tile-invariant resampling that a fractional size takes is 50x slower and buys a picture nothing.
-            finer = read_thumbnail(reader, pixel_size=float(math.floor(pixel_size)))
+            # Read a whole number of the pyramid level's px per pixel, then shrink the rest of the way: the
+            # exact, tile-invariant resampling that a fractional ratio takes is 50x slower and buys a
+            # picture nothing.
+            downsamples = reader.info.level_downsamples
+            step = effective_downsample(downsamples[level_for_scale(downsamples, 1.0 / pixel_size)])
+            finer = read_thumbnail(reader, pixel_size=step * max(1, math.floor(pixel_size / step)))
     except (WsiudaError, OSError):
         # A tile store whose slide is gone: outlines on white.
         return np.full((height, width, 3), 255, np.uint8), 1.0 / pixel_size
