@@ -77,16 +77,15 @@ def main() -> None:
     spends most of a second tearing torch down, a real share of a small slide's run, so the process
     flushes its streams and exits at once. Library callers and tests use :data:`cli`, which exits normally.
     """
+    code: int | str | None = 0
     try:
         cli()
-        code = 0
     except SystemExit as exit_request:  # click ends every run with one
-        code = (
-            exit_request.code
-            if isinstance(exit_request.code, int)
-            else (0 if exit_request.code is None else 1)
-        )
+        code = exit_request.code
+    if isinstance(code, str):  # as Python does with SystemExit("message")
+        print(code, file=sys.stderr)
+        code = 1
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    os._exit(code or 0)
