@@ -49,7 +49,7 @@ def label_nuclei(
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """``scipy.ndimage.binary_fill_holes`` with its default structure, 10x faster.
+    """``scipy.ndimage.binary_fill_holes`` with its default structure, 3x faster.
 
     A hole is a background region, 4-connected as scipy's default has it, that does not reach the array's
     edge. scipy finds them by dilating from the edge one pixel per pass.
@@ -67,6 +67,9 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
 def _split(foreground: np.ndarray, *, split_depth_px: float) -> np.ndarray:
     mask = foreground.astype(np.uint8)
+    if split_depth_px <= 0:
+        _, components = cv2.connectedComponents(mask, connectivity=8)
+        return components.astype(np.int32)
     # Pad by one background pixel so that a nucleus cut by the box edge is still measured from its edge.
     padded = cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
     distance = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
@@ -74,9 +77,6 @@ def _split(foreground: np.ndarray, *, split_depth_px: float) -> np.ndarray:
     # with its thread count, enough to tip watershed ties; taking the root of that whole number again
     # gives every thread count the same nuclei.
     distance = np.sqrt(np.rint(np.square(distance, dtype=np.float64))).astype(np.float32)
-    if split_depth_px <= 0:
-        _, components = cv2.connectedComponents(mask, connectivity=8)
-        return components.astype(np.int32)
     levels = np.clip(np.rint(distance * _LEVELS_PER_PX), 0, 255).astype(np.uint8)
     depth = max(round(split_depth_px * _LEVELS_PER_PX), 1)
     domes = cv2.subtract(levels, _reconstruct(cv2.subtract(levels, np.full_like(levels, depth)), levels))
