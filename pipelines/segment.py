@@ -416,8 +416,9 @@ class SlideJob:
     crf_reach_px: int
     threads: int = 0
     """OpenCV threads per task (0: OpenCV's default); tasks sharing a machine compute on one thread each."""
-    crf_helper: bool = False
-    """Run the CRF in a helper process (see crf_helper), where tasks of one worker run side by side."""
+    crf_helpers: int = 0
+    """Helper processes that run the CRF (see crf_helper), one per task where tasks of one worker run side
+    by side; 0: the CRF runs in the task's thread."""
     network_slots: int = 1
     """Tasks of one worker that may be in the network at once."""
 
@@ -491,8 +492,11 @@ def _finish_block(
     clock = time.perf_counter()
     if job.crf is not None:
         crf_image, crf_probability = image[crf_box.as_slices()], probability[crf_box.as_slices()]
-        refine = crf_in_helper if job.crf_helper else dense_crf
-        refined = refine(crf_image, crf_probability, job.crf)[inner.as_slices()]
+        if job.crf_helpers:
+            refined = crf_in_helper(crf_image, crf_probability, job.crf, helpers=job.crf_helpers)
+        else:
+            refined = dense_crf(crf_image, crf_probability, job.crf)
+        refined = refined[inner.as_slices()]
     else:
         refined = probability[nuclei_box.as_slices()]
     stats["crf_s"], clock = _lap(clock)
@@ -974,7 +978,7 @@ def _prepare(
         nucleus_reach_px=reach,
         crf_reach_px=crf_reach_px(crf) if crf is not None else 0,
         threads=1 if _threads_per_worker(config) else 0,
-        crf_helper=_threads_per_worker(config) > 1,
+        crf_helpers=_threads_per_worker(config) if _threads_per_worker(config) > 1 else 0,
         network_slots=network.concurrent_forwards,
     )
     crops = [_tissue_crop(geometry.tissue, block.core, scale) for block in todo]

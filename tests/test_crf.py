@@ -108,3 +108,23 @@ def test_the_crf_helper_process_gives_the_worker_the_same_result() -> None:
         crf_helper.shutdown_helper()
     np.testing.assert_array_equal(refined, dense_crf(image, probability, CrfParams(downsample=2)))
     assert crf_helper._HELPER is None
+
+
+def test_tasks_side_by_side_get_a_crf_helper_each() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wsiuda.pipelines import crf_helper
+
+    scenes = [scene(seed=seed) for seed in (4, 5)]
+    params = CrfParams(downsample=2)
+    try:
+        with ThreadPoolExecutor(2) as tasks:
+            refined = list(
+                tasks.map(lambda s: crf_helper.crf_in_helper(s[0], s[2], params, helpers=2), scenes)
+            )
+        helper = crf_helper._HELPER
+        assert helper is not None and helper._max_workers == 2
+    finally:
+        crf_helper.shutdown_helper()
+    for (image, _, probability), result in zip(scenes, refined, strict=True):
+        np.testing.assert_array_equal(result, dense_crf(image, probability, params))
