@@ -617,12 +617,13 @@ def main() -> None:
         "--report-only", action="store_true", help="rewrite the report from the results JSON in --out"
     )
     args = parser.parse_args()
-    name = "segment_throughput_quick" if args.quick else "segment_throughput"
+    # Not "name": the slide loop below rebinds that.
+    stem = "segment_throughput_quick" if args.quick else "segment_throughput"
     if args.report_only:
-        results = json.loads((args.out / f"{name}.json").read_text())
+        results = json.loads((args.out / f"{stem}.json").read_text())
         results["targets"] = targets(results)
-        (args.out / f"{name}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-        (args.out / f"{name}.md").write_text(report(results))
+        (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        (args.out / f"{stem}.md").write_text(report(results))
         return
     args.workdir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
@@ -698,8 +699,8 @@ def main() -> None:
     results["load_after"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
     results["targets"] = targets(results)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (args.out / f"{name}.md").write_text(report(results))
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (args.out / f"{stem}.md").write_text(report(results))
     print(report(results))
 
 
