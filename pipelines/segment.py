@@ -422,6 +422,20 @@ class SlideJob:
     network_slots: int = 1
     """Tasks of one worker that may be in the network at once."""
 
+    def work_boxes(self, block: Block) -> tuple[Region, Region]:
+        """(nuclei box, CRF box) of a block, in its window's frame.
+
+        Each step works on the smallest part of the window it needs: nuclei only where an owned nucleus
+        can be (the core grown by the nucleus reach), the CRF only that plus its reach. The outer margin
+        of the window served the network alone.
+        """
+        shape = block.window.shape
+        # +1: an edge to see where the box cuts a nucleus.
+        nuclei_box = block.core_in_window.grow(self.nucleus_reach_px + 1).clip(*shape)
+        if self.crf is None:
+            return nuclei_box, nuclei_box
+        return nuclei_box, nuclei_box.grow(self.crf_reach_px).clip(*shape)
+
 
 @dataclass(frozen=True)
 class TissueCrop:
@@ -478,16 +492,11 @@ def _finish_block(
     store: MaskStore,
     stats: dict[str, float],
 ) -> int:
-    """CRF, nuclei, ownership, polygons and the store write of one predicted block.
-
-    Each step works on the smallest part of the window it needs: nuclei only where an owned nucleus can
-    be (the core grown by the nucleus reach), the CRF only that plus its reach. The outer margin of the
-    window served the network alone.
-    """
+    """CRF, nuclei, ownership, polygons and the store write of one predicted block (on the boxes of
+    :meth:`SlideJob.work_boxes`)."""
     window = block.window
     core = block.core_in_window
-    nuclei_box = core.grow(job.nucleus_reach_px + 1).clip(*window.shape)  # +1: an edge to see cuts by
-    crf_box = nuclei_box.grow(job.crf_reach_px).clip(*window.shape) if job.crf is not None else nuclei_box
+    nuclei_box, crf_box = job.work_boxes(block)
     inner = _within(nuclei_box, crf_box)
     clock = time.perf_counter()
     if job.crf is not None:
@@ -873,6 +882,12 @@ def _threads_per_worker(config: SegmentConfig) -> int:
     return max(1, (os.cpu_count() or 1) // local_workers(config))
 
 
+def _crf_helpers(config: SegmentConfig) -> int:
+    """CRF helper processes per worker: one per task where a worker runs tasks side by side, else none."""
+    tasks = _threads_per_worker(config)
+    return tasks if config.crf and tasks > 1 else 0
+
+
 @contextlib.contextmanager
 def _client(config: SegmentConfig) -> Iterator[Any]:
     """A dask.distributed client: of the cluster at ``config.scheduler``, or of a new local cluster."""
@@ -978,7 +993,7 @@ def _prepare(
         nucleus_reach_px=reach,
         crf_reach_px=crf_reach_px(crf) if crf is not None else 0,
         threads=1 if _threads_per_worker(config) else 0,
-        crf_helpers=_threads_per_worker(config) if _threads_per_worker(config) > 1 else 0,
+        crf_helpers=_crf_helpers(config),
         network_slots=network.concurrent_forwards,
     )
     crops = [_tissue_crop(geometry.tissue, block.core, scale) for block in todo]
@@ -1161,7 +1176,7 @@ def _finalize(slide: _Slide, config: SegmentConfig) -> SlideResult:
     geojson_s = time.perf_counter() - clock
     write_png(slide.outputs.overlay, overlay)
 
-    stats = store.tile_stats()
+    stats = store.tile_stats(done)
     tissue_px = stats["tissue_px"]
     summary = {
         "format": SUMMARY_FORMAT,

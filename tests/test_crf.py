@@ -128,3 +128,22 @@ def test_tasks_side_by_side_get_a_crf_helper_each() -> None:
         crf_helper.shutdown_helper()
     for (image, _, probability), result in zip(scenes, refined, strict=True):
         np.testing.assert_array_equal(result, dense_crf(image, probability, params))
+
+
+def test_helpers_started_ahead_are_the_ones_the_crf_then_uses() -> None:
+    from wsiuda.pipelines import crf_helper
+
+    image, _, probability = scene(seed=6)
+    params = CrfParams(downsample=2)
+    try:
+        crf_helper.start_helpers(2)  # returns without waiting for them
+        helper = crf_helper._HELPER
+        assert helper is not None and helper._max_workers == 2
+        started = {process.pid for process in helper._processes.values()}
+        assert len(started) == 2, "start_helpers should start one process per helper"
+        refined = crf_helper.crf_in_helper(image, probability, params, helpers=2)
+        assert crf_helper._HELPER is helper
+        assert {process.pid for process in helper._processes.values()} == started
+    finally:
+        crf_helper.shutdown_helper()
+    np.testing.assert_array_equal(refined, dense_crf(image, probability, params))

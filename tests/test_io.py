@@ -225,3 +225,27 @@ def test_generic_tiff_screen_resolution_is_not_taken_as_mpp(shared: Path) -> Non
 
     with open_slide(shared_file(shared, "slides/fixtures/boxes.tiff")) as reader:
         assert reader.info.mpp is None  # its 72 dpi tags would say 353 µm/px
+
+
+def test_mask_store_sums_the_stats_of_finished_tiles_only(tmp_path: Path) -> None:
+    from wsiuda.io.maskstore import MaskStore
+
+    store = MaskStore.create(tmp_path / "s.mask.zarr", shape=(20, 30), tile=10, mpp=0.25, metadata={})
+    for index, nuclei in (((0, 1), 3), ((1, 2), 4)):
+        core = Region(index[0] * 10, index[1] * 10, 10, 10)
+        store.write_tile(
+            index,
+            core,
+            probability=np.zeros((10, 10), np.float32),
+            labels=np.zeros((10, 10), np.uint32),
+            features=[],
+            stats={"nuclei": nuclei, "crf_s": 0.5},
+        )
+    done = store.done_tiles()
+    assert done.sum() == 2 and done[0, 1] and done[1, 2]
+    stats = store.tile_stats()
+    assert stats["nuclei"] == 7 and stats["crf_s"] == 1.0 and stats["read_s"] == 0.0
+    assert store.tile_stats(done) == stats
+    only_first = np.zeros_like(done)
+    only_first[0, 1] = True
+    assert store.tile_stats(only_first)["nuclei"] == 3

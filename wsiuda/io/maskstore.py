@@ -189,10 +189,12 @@ class MaskStore:
         stats_array[index] = np.array([float(stats.get(name, 0.0)) for name in TILE_STATS])
         done[index] = 1
 
-    def tile_stats(self) -> dict[str, float]:
-        """Each of :data:`TILE_STATS` summed over the finished tiles."""
+    def tile_stats(self, done: np.ndarray | None = None) -> dict[str, float]:
+        """Each of :data:`TILE_STATS` summed over the finished tiles (``done``: :meth:`done_tiles`, where
+        the caller has it; reading it costs a file per tile)."""
         stats_array: zarr.Array = self.group["stats"]  # type: ignore[assignment]
-        values = np.asarray(stats_array[...], dtype=np.float64)[self.done_tiles()]
+        finished = self.done_tiles() if done is None else done
+        values = np.asarray(stats_array[...], dtype=np.float64)[finished]
         return {name: float(values[:, i].sum()) for i, name in enumerate(TILE_STATS)}
 
     def tile_features(self, index: tuple[int, int]) -> list[str]:
