@@ -9,9 +9,8 @@ model), so it costs tens of MB, and a tile's crop travels to it and back through
 Each worker process starts its helpers the first time it needs them and keeps them: one per task that
 runs at once, so that two tasks reaching the CRF together do not queue for one helper while a core idles
 (CMU-1-Small-Region end to end on 2 cores: 49.1 and 49.3 s with two helpers, 51.6 and 51.2 s with one).
-Starting them earlier, while the worker loads the model, made no difference that the run-to-run spread
-showed (generated 20480² slide: 56.2 and 52.4 s against 53.4 and 55.0 s); :func:`start_helpers` is there
-for callers that time the CRF and want the start-up out of the clock.
+:func:`start_helpers` starts them ahead, for callers that time the CRF and want the helpers' start-up
+out of the clock (benchmarks/segment_throughput.py).
 Where a process may not start children (a daemonic worker of someone else's cluster), or a helper dies,
 the CRF runs in the calling thread, as it would without the helpers.
 """
