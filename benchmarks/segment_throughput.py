@@ -278,8 +278,8 @@ def per_tile_costs(job: Any, blocks: list[Any], model: Path, *, count: int, repe
         segmenter = Segmenter.load(model, device="cpu", precision=precision)
         segmenter.predict(images[0][None])  # warm-up
         segmenters[segmenter.precision] = segmenter
-    default = segmenter.precision
-    probabilities = list(segmenter.predict(np.stack(images)))
+    default = segmenter.precision  # what "auto" resolved to, the precision the pipeline runs
+    probabilities = list(segmenters[default].predict(np.stack(images)))
     modes = {
         "full": replace(DEFAULT_CRF, downsample=1),
         "half resolution (default)": DEFAULT_CRF,
@@ -337,7 +337,7 @@ def model_only(job: Any, blocks: list[Any], model: Path, *, crf: bool = False) -
     reader = WindowReader(job.source, job.scale)
     images = [reader.read(block.window) for block in blocks]
     reader.close()
-    crf_boxes = [job.work_boxes(block)[1].as_slices() for block in blocks]
+    crf_boxes = [job.work_boxes(block)[1].as_slices() for block in blocks] if crf else []
     if crf:
         start_helpers(cores)
         probe = images[0][crf_boxes[0]], np.full(images[0][crf_boxes[0]].shape[:2], 0.5, np.float32)
@@ -669,7 +669,7 @@ def main() -> None:
         "--repeats",
         type=int,
         default=3,
-        help="rounds of the compared runs (end to end, --no-crf, baseline, model only, model and CRF only) "
+        help="rounds of the compared runs (end to end, --no-crf, baseline, model only, model and CRF only); "
         "each keeps its fastest",
     )
     parser.add_argument(
