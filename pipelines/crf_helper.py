@@ -9,8 +9,9 @@ model), so it costs tens of MB, and a tile's crop travels to it and back through
 Each worker process starts its helpers the first time it needs them and keeps them: one per task that
 runs at once, so that two tasks reaching the CRF together do not queue for one helper while a core idles
 (CMU-1-Small-Region end to end on 2 cores: 49.1 and 49.3 s with two helpers, 51.6 and 51.2 s with one).
-:func:`start_helpers` starts them ahead, for callers that time the CRF and want the helpers' start-up
-out of the clock (benchmarks/segment_throughput.py).
+:func:`start_helpers` starts them ahead: the segment pipeline does so where its tasks run in its own
+process, while torch is imported and the model loaded on one core and the other idles, and
+benchmarks/segment_throughput.py does so to keep the helpers' start out of its clock.
 Where a process may not start children (a daemonic worker of someone else's cluster), or a helper dies,
 the CRF runs in the calling thread, as it would without the helpers.
 """
@@ -54,10 +55,12 @@ def crf_in_helper(
 
 def start_helpers(helpers: int) -> None:
     """Start this process's helpers now, without waiting for them: they import the CRF's libraries while
-    this process goes on."""
+    this process goes on (none for ``helpers`` < 1)."""
+    if helpers < 1:
+        return
     helper = _helper(helpers)
     if helper is not None:
-        for _ in range(max(1, helpers)):
+        for _ in range(helpers):
             helper.submit(_load_crf_library)  # each submit starts a helper while none is idle
 
 

@@ -41,12 +41,10 @@ from wsiuda.config import atomic_write_text, check_precision, config_to_dict, sa
 from wsiuda.crf import DEFAULT_CRF, CrfParams, crf_reach_px, dense_crf
 from wsiuda.errors import ConfigError, ModelError, OutputError, SlideError, WsiudaError
 from wsiuda.geometry import Region
-from wsiuda.instances import centroids, label_nuclei, owned_nuclei
 from wsiuda.io.dispatch import BACKENDS
 from wsiuda.io.geojson import GEOJSON_SUFFIXES, GeoJsonWriter, dump_feature, feature_id, nucleus_feature
 from wsiuda.io.maskstore import MaskStore, label_dtype
-from wsiuda.pipelines.crf_helper import crf_in_helper, shutdown_helper
-from wsiuda.polygons import nucleus_polygons
+from wsiuda.pipelines.crf_helper import crf_in_helper, shutdown_helper, start_helpers
 
 log = logging.getLogger(__name__)
 
@@ -494,6 +492,11 @@ def _finish_block(
 ) -> int:
     """CRF, nuclei, ownership, polygons and the store write of one predicted block (on the boxes of
     :meth:`SlideJob.work_boxes`)."""
+    # Imported here, not with this module: their libraries (scipy, scikit-image) then load while the
+    # first tiles are in the network, not before the model can start.
+    from wsiuda.instances import centroids, label_nuclei, owned_nuclei
+    from wsiuda.polygons import nucleus_polygons
+
     window = block.window
     core = block.core_in_window
     nuclei_box, crf_box = job.work_boxes(block)
@@ -720,6 +723,11 @@ def segment(
     if predictor is None:
         model_path(config)  # fail fast, before a cluster starts
     try:
+        helpers = _crf_helpers(config)
+        if helpers and _tasks_run_here(config):
+            # The helpers then start on the core that idles while torch is imported and the model loaded,
+            # not on the cores that the first tiles need.
+            start_helpers(helpers)
         with _runner(config) as run:
             if predictor is None:
                 predictor, network = resolve_model(config, run)
@@ -882,6 +890,11 @@ def _threads_per_worker(config: SegmentConfig) -> int:
     return max(1, (os.cpu_count() or 1) // local_workers(config))
 
 
+def _tasks_run_here(config: SegmentConfig) -> bool:
+    """Whether the tiles are processed in this process: a local cluster of one worker runs in it."""
+    return config.scheduler == SCHEDULER_SYNC or (not config.scheduler and local_workers(config) == 1)
+
+
 def _crf_helpers(config: SegmentConfig) -> int:
     """CRF helper processes per worker: one per task where a worker runs tasks side by side, else none."""
     tasks = _threads_per_worker(config)
@@ -914,6 +927,9 @@ def _client(config: SegmentConfig) -> Iterator[Any]:
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
     }
     settings["distributed.worker.daemon"] = False  # so that a worker may start its CRF helper process
+    # The statistical profiler samples every thread's stack each 10 ms, for a dashboard that this cluster
+    # does not serve.
+    settings["distributed.worker.profile.enabled"] = False
     with dask.config.set(settings):
         cluster = LocalCluster(
             n_workers=workers,

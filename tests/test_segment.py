@@ -394,3 +394,30 @@ def test_other_settings_on_an_unfinished_store_are_refused(tmp_path: Path) -> No
     with pytest.raises(OutputError):
         MaskStore.open(tmp_path)  # not a store
 
+
+@pytest.mark.parametrize("crf", [True, False])
+def test_crf_helpers_start_before_the_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crf: bool
+) -> None:
+    """A lone local worker runs its tasks in this process: its CRF helpers start first, on the core that
+    idles while the model loads; without the CRF none start."""
+    import wsiuda.pipelines.segment as pipeline
+    from wsiuda.errors import ModelError
+
+    slide = write_slide(tmp_path / "s.tif", disk_image((256, 256), [(100, 100, 20)]), mpp=0.25, app_mag=40)
+    model = save_dark_model(tmp_path / "m.pt")
+    calls: list[tuple[str, int]] = []
+
+    def resolve_model(config: SegmentConfig, run: object) -> None:
+        calls.append(("resolve_model", 0))
+        raise ModelError("stop before any tile")
+
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 2)  # two tasks side by side, a helper each
+    monkeypatch.setattr(pipeline, "start_helpers", lambda helpers: calls.append(("start_helpers", helpers)))
+    monkeypatch.setattr(pipeline, "resolve_model", resolve_model)
+    config = SegmentConfig(
+        inputs=(str(slide),), output=str(tmp_path / "n.geojson"), model=str(model), crf=crf, workers=1
+    )
+    with pytest.raises(ModelError, match="stop before any tile"):
+        segment(config)
+    assert calls == ([("start_helpers", 2)] if crf else []) + [("resolve_model", 0)]

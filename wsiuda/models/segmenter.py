@@ -87,7 +87,7 @@ class Segmenter:
         # training, whose later steps must not see folded weights), in int8 where asked for.
         folded = fold_batchnorm(self.network)
         if self.precision == "int8":
-            self._inference = quantize(folded, meta.activation_ranges)
+            self._inference = quantize(folded, meta.activation_ranges, in_place=folded is not self.network)
         else:
             self._inference = channels_last(folded)
 
