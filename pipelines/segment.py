@@ -723,12 +723,12 @@ def segment(
     if predictor is None:
         model_path(config)  # fail fast, before a cluster starts
     try:
-        helpers = _crf_helpers(config)
-        if helpers and _tasks_run_here(config):
-            # The helpers then start on the core that idles while torch is imported and the model loaded,
-            # not on the cores that the first tiles need.
-            start_helpers(helpers)
         with _runner(config) as run:
+            helpers = _crf_helpers(config)
+            if helpers and _tasks_run_here(config):
+                # Here, not sooner: the helpers then start on the core that idles while torch is imported
+                # and the model loaded, not beside this process's other imports or the first tiles.
+                start_helpers(helpers)
             if predictor is None:
                 predictor, network = resolve_model(config, run)
             assert network is not None

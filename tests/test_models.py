@@ -130,6 +130,36 @@ def test_int8_calibration_travels_in_the_model_file(tmp_path: Path) -> None:
     np.testing.assert_array_equal(loaded.predict(images), in_memory.predict(images))
 
 
+def test_int8_built_in_place_equals_one_built_from_a_copy() -> None:
+    from wsiuda.models.quantize import quantize
+
+    torch.manual_seed(4)
+    network = build_unet(width=4, depth=2).eval()
+    meta = calibrated(network, tiny_meta())
+    folded = fold_batchnorm(network)
+    before = {name: value.clone() for name, value in folded.state_dict().items()}
+    from_copy = quantize(folded, meta.activation_ranges)
+    after = folded.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    in_place = quantize(fold_batchnorm(network), meta.activation_ranges, in_place=True)
+    x = torch.rand(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(in_place(x), from_copy(x), rtol=0, atol=0)
+
+
+def test_an_int8_segmenter_keeps_its_float_network_as_loaded() -> None:
+    """The int8 network is built in place from the segmenter's folded copy; the network it keeps, which
+    model files are saved from, must come through untouched."""
+    torch.manual_seed(5)
+    network = build_unet(width=4, depth=2)
+    meta = calibrated(network, tiny_meta())
+    before = {name: value.clone() for name, value in network.state_dict().items()}
+    segmenter = Segmenter.from_network(network, meta, precision="int8")
+    after = segmenter.network.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in segmenter.network.modules())
+
+
 def test_model_file_round_trip(tmp_path: Path) -> None:
     torch.manual_seed(1)
     net = build_unet(width=4, depth=2)
