@@ -73,7 +73,8 @@ def quantize(network: nn.Module, ranges: ActivationRanges, *, in_place: bool = F
     """The int8 network of ``network`` (float, eval mode, BatchNorm folded) with the stored ``ranges``.
 
     ``in_place`` builds it from ``network``'s own modules, which are then spent, instead of a copy: for a
-    caller whose ``network`` is a copy made for this (a fifth of the load time of the default model).
+    caller whose ``network`` is a copy made for this. It saves a deep copy, about 0.1 s of the default
+    model's 0.7 s load.
     """
     from torch.ao.quantization.quantize_fx import convert_fx
 
