@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import threading
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
@@ -43,14 +43,33 @@ def crf_in_helper(
 
     ``helpers`` is how many CRFs may run at once; the first call's value sizes the pool for the process.
     """
-    helper = _helper(helpers)
-    if helper is not None:
-        try:
-            return helper.submit(dense_crf, image, probability, params).result()
-        except BrokenProcessPool:
-            log.warning("the CRF helper process died; running the CRF in the worker from now on")
-            _disable()
-    return dense_crf(image, probability, params)
+    return PendingCrf(image, probability, params, helpers=helpers).result()
+
+
+class PendingCrf:
+    """A CRF started in one of ``helpers`` helpers (where this process can have them; 0: none), so that
+    the caller can go on until :meth:`result`. Without a helper it runs in :meth:`result`, in the calling
+    thread."""
+
+    def __init__(
+        self, image: np.ndarray, probability: np.ndarray, params: CrfParams, *, helpers: int = 1
+    ) -> None:
+        self._arguments = (image, probability, params)
+        helper = _helper(helpers) if helpers > 0 else None
+        self._future: Future[np.ndarray] | None = None
+        if helper is not None:
+            try:
+                self._future = helper.submit(dense_crf, image, probability, params)
+            except BrokenProcessPool:
+                _helper_died()
+
+    def result(self) -> np.ndarray:
+        if self._future is not None:
+            try:
+                return self._future.result()
+            except BrokenProcessPool:
+                _helper_died()
+        return dense_crf(*self._arguments)
 
 
 def start_helpers(helpers: int) -> None:
@@ -77,8 +96,10 @@ def shutdown_helper() -> None:
         helper.shutdown(wait=True)
 
 
-def _disable() -> None:
+def _helper_died() -> None:
     global _DISABLED
+    if not _DISABLED:
+        log.warning("the CRF helper process died; running the CRF in the worker from now on")
     _DISABLED = True
     shutdown_helper()
 

@@ -38,13 +38,13 @@ import numpy as np
 from wsiuda import __version__
 from wsiuda.blocks import Block, batches, halo_px, nucleus_reach_px, plan_blocks, window_size
 from wsiuda.config import atomic_write_text, check_precision, config_to_dict, save_config
-from wsiuda.crf import DEFAULT_CRF, CrfParams, crf_reach_px, dense_crf
+from wsiuda.crf import DEFAULT_CRF, CrfParams, crf_reach_px
 from wsiuda.errors import ConfigError, ModelError, OutputError, SlideError, WsiudaError
 from wsiuda.geometry import Region
 from wsiuda.io.dispatch import BACKENDS
 from wsiuda.io.geojson import GEOJSON_SUFFIXES, GeoJsonWriter, dump_feature, feature_id, nucleus_feature
 from wsiuda.io.maskstore import MaskStore, label_dtype
-from wsiuda.pipelines.crf_helper import crf_in_helper, shutdown_helper, start_helpers
+from wsiuda.pipelines.crf_helper import PendingCrf, shutdown_helper, start_helpers
 
 log = logging.getLogger(__name__)
 
@@ -492,25 +492,22 @@ def _finish_block(
 ) -> int:
     """CRF, nuclei, ownership, polygons and the store write of one predicted block (on the boxes of
     :meth:`SlideJob.work_boxes`)."""
-    # Imported here, not with this module: their libraries (scipy, scikit-image) then load while the
-    # first tiles are in the network, not before the model can start.
-    from wsiuda.instances import centroids, label_nuclei, owned_nuclei
-    from wsiuda.polygons import nucleus_polygons
-
     window = block.window
     core = block.core_in_window
     nuclei_box, crf_box = job.work_boxes(block)
     inner = _within(nuclei_box, crf_box)
     clock = time.perf_counter()
+    crf = None
     if job.crf is not None:
-        crf_image, crf_probability = image[crf_box.as_slices()], probability[crf_box.as_slices()]
-        if job.crf_helpers:
-            refined = crf_in_helper(crf_image, crf_probability, job.crf, helpers=job.crf_helpers)
-        else:
-            refined = dense_crf(crf_image, crf_probability, job.crf)
-        refined = refined[inner.as_slices()]
-    else:
-        refined = probability[nuclei_box.as_slices()]
+        crf_slices = crf_box.as_slices()
+        crf = PendingCrf(image[crf_slices], probability[crf_slices], job.crf, helpers=job.crf_helpers)
+    # Imported here, not with this module, and once the CRF is in its helper: their libraries (scipy,
+    # scikit-image) then load while the first tiles are in the network and the CRF, not before the model
+    # can start, and not while a core idles.
+    from wsiuda.instances import centroids, label_nuclei, owned_nuclei
+    from wsiuda.polygons import nucleus_polygons
+
+    refined = crf.result()[inner.as_slices()] if crf is not None else probability[nuclei_box.as_slices()]
     stats["crf_s"], clock = _lap(clock)
 
     labels = label_nuclei(

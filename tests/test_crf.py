@@ -147,3 +147,34 @@ def test_helpers_started_ahead_are_the_ones_the_crf_then_uses() -> None:
     finally:
         crf_helper.shutdown_helper()
     np.testing.assert_array_equal(refined, dense_crf(image, probability, params))
+
+
+def test_a_crf_whose_helper_died_runs_in_the_caller(monkeypatch, caplog) -> None:
+    import os
+    import signal
+
+    from wsiuda.pipelines import crf_helper
+
+    monkeypatch.setattr(crf_helper, "_DISABLED", False)  # restored after the test
+    image, _, probability = scene(seed=7)
+    params = CrfParams(downsample=2)
+    try:
+        crf_helper.start_helpers(1)
+        helper = crf_helper._HELPER
+        assert helper is not None
+        for process in list(helper._processes.values()):
+            os.kill(process.pid, signal.SIGKILL)
+            process.join()
+        with caplog.at_level("WARNING", logger=crf_helper.__name__):
+            pending = crf_helper.PendingCrf(image, probability, params, helpers=1)
+            refined = pending.result()
+        assert "helper process died" in caplog.text
+        assert crf_helper._HELPER is None, "the broken helper should be shut down"
+        # From now on the CRF runs in the calling process, without starting new helpers.
+        again = crf_helper.crf_in_helper(image, probability, params, helpers=1)
+        assert crf_helper._HELPER is None
+    finally:
+        crf_helper.shutdown_helper()
+    expected = dense_crf(image, probability, params)
+    np.testing.assert_array_equal(refined, expected)
+    np.testing.assert_array_equal(again, expected)
