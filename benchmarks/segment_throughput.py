@@ -565,6 +565,18 @@ def report(results: dict[str, Any]) -> str:
             "",
         ]
         if "model_and_crf_only" in slide:
+            paired = [
+                1.0 - reference / end
+                for end, reference in zip(
+                    slide["end_to_end"]["all_s"], slide["model_and_crf_only"]["all_s"], strict=True
+                )
+            ]
+            lines += [
+                "Round by round, each end-to-end run against the model and CRF only of its own round: "
+                + ", ".join(f"{share:.1%}" for share in paired)
+                + " of the wall time is everything else.",
+                "",
+            ]
             outside, share = once_per_run(slide)
             lines += [
                 f"Of the end-to-end wall time, {outside:.1f} s fell outside the slide's own run (summary "
