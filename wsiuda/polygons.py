@@ -88,19 +88,27 @@ def nucleus_polygons(
     )
     outlines = valid_polygons(shapely.transform(grown, lambda xy: xy / scale))
 
-    shapes: list[NucleusShape] = []
-    unit = level0_mpp if level0_mpp is not None else 1.0
+    kept = []
     for (box, inside, _), polygon in zip(found, outlines, strict=True):
         if polygon is not None and level0_shape is not None:
             polygon = _inside_slide(polygon, level0_shape)
-        if polygon is None:
-            continue
+        if polygon is not None:
+            kept.append((box, inside, polygon))
+    if not kept:
+        return []
+    polygons = np.array([polygon for _, _, polygon in kept], dtype=object)
+    unit = level0_mpp if level0_mpp is not None else 1.0
+    areas = (shapely.area(polygons) * unit**2).tolist()
+    perimeters = (shapely.length(polygons) * unit).tolist()
+    hull_areas = (shapely.area(shapely.convex_hull(polygons)) * unit**2).tolist()
+
+    shapes: list[NucleusShape] = []
+    for (box, inside, polygon), area, perimeter, hull_area in zip(
+        kept, areas, perimeters, hull_areas, strict=True
+    ):
         top, left = box[0].start + origin[0], box[1].start + origin[1]
         ys, xs = np.nonzero(inside)
         centroid = ((ys.mean() + top + 0.5) / scale, (xs.mean() + left + 0.5) / scale)
-        area = polygon.area * unit**2
-        perimeter = polygon.length * unit
-        hull_area = polygon.convex_hull.area * unit**2
         measurements = {
             MEASUREMENTS[0]: round(area, 4),
             MEASUREMENTS[1]: round(perimeter, 4),
@@ -154,7 +162,7 @@ def valid_polygons(geometries: np.ndarray) -> list[Polygon | None]:
     present = np.array([g is not None and not g.is_empty for g in geometries], dtype=bool)
     snapped = np.full(len(geometries), None, dtype=object)
     if present.any():
-        snapped[present] = shapely.set_precision(shapely.make_valid(geometries[present]), GRID)
+        snapped[present] = _on_grid(shapely.make_valid(geometries[present]))
     result: list[Polygon | None] = []
     for geometry in snapped:
         polygons = [] if geometry is None else _polygon_parts(geometry)
@@ -164,6 +172,21 @@ def valid_polygons(geometries: np.ndarray) -> list[Polygon | None]:
         polygon = orient(max(polygons, key=lambda g: g.area), sign=1.0)
         result.append(polygon if polygon.is_valid else None)
     return result
+
+
+def _on_grid(geometries: np.ndarray) -> np.ndarray:
+    """Valid geometries snapped to :data:`GRID`, valid on it.
+
+    Each vertex is rounded to the grid, and GEOS's slower valid-output snapping (an overlay) repairs those
+    that rounding made invalid. On nuclei rounding keeps nearly every outline valid, and it gave the same
+    shapes as the valid-output snapping (which starts some rings at another vertex) in a twentieth of the
+    time.
+    """
+    snapped = shapely.set_precision(geometries, GRID, mode="pointwise")
+    broken = ~shapely.is_valid(snapped)
+    if broken.any():
+        snapped[broken] = shapely.set_precision(geometries[broken], GRID)
+    return snapped
 
 
 def _polygon_parts(geometry: shapely.Geometry) -> list[Polygon]:

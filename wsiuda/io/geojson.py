@@ -16,6 +16,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+import shapely
 from shapely.geometry import Polygon
 
 from wsiuda.config import atomic_output
@@ -36,9 +38,11 @@ def feature_id(slide_key: str, y: float, x: float) -> str:
 
 
 def polygon_coordinates(polygon: Polygon) -> list[list[list[float]]]:
-    """GeoJSON rings of a polygon: closed lists of [x, y], exterior first."""
+    """GeoJSON rings of a polygon: closed lists of [x, y] to 0.01 px, exterior first."""
     rings = [polygon.exterior, *polygon.interiors]
-    return [[[round(x, 2), round(y, 2)] for x, y in ring.coords] for ring in rings]
+    # Rounded as arrays: a nucleus has tens of vertices, and Python's round() on each was a fifth of the
+    # time a dense tile spent outside the network and the CRF.
+    return [np.round(shapely.get_coordinates(ring), 2).tolist() for ring in rings]
 
 
 def nucleus_feature(
