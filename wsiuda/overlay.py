@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import cv2
@@ -24,20 +24,45 @@ def draw_outlines(
 ) -> np.ndarray:
     """A copy of RGB ``thumbnail`` with rings ((n, 2) level-0 (x, y)) drawn at ``scale`` px per level-0 px.
 
-    Rings are drawn one at a time, so any number of them can be streamed in.
+    Rings are drawn a chunk at a time, so any number of them can be streamed in.
     """
     out = np.ascontiguousarray(thumbnail.copy())
     rgb = tuple(int(c) for c in color)
-    for ring in rings:
-        points = np.rint(np.asarray(ring, dtype=np.float64) * scale).astype(np.int32)
-        if len(points) == 0:
-            continue
-        if np.ptp(points[:, 0]) == 0 and np.ptp(points[:, 1]) == 0:
-            # Smaller than a thumbnail pixel: a dot marks it.
-            out[np.clip(points[0, 1], 0, out.shape[0] - 1), np.clip(points[0, 0], 0, out.shape[1] - 1)] = rgb
-            continue
-        cv2.polylines(out, [points.reshape(-1, 1, 2)], isClosed=True, color=rgb, thickness=thickness)
+    for chunk in _chunks(rings, _CHUNK):
+        _draw_chunk(out, chunk, scale=scale, color=rgb, thickness=thickness)
     return out
+
+
+# Rings drawn per call: one OpenCV call and one rounding for many rings, at a bounded memory.
+_CHUNK = 4096
+
+
+def _chunks(rings: Iterable[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
+    chunk: list[np.ndarray] = []
+    for ring in rings:
+        ring = np.asarray(ring, dtype=np.float64).reshape(-1, 2)
+        if len(ring):
+            chunk.append(ring)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _draw_chunk(
+    out: np.ndarray, rings: list[np.ndarray], *, scale: float, color: tuple[int, ...], thickness: int
+) -> None:
+    starts = np.cumsum([0] + [len(ring) for ring in rings[:-1]])
+    points = np.rint(np.concatenate(rings) * scale).astype(np.int32)
+    # A ring smaller than a thumbnail pixel is a dot.
+    dots = (np.maximum.reduceat(points, starts) == np.minimum.reduceat(points, starts)).all(axis=1)
+    parts = np.split(points, starts[1:])
+    lines = [part.reshape(-1, 1, 2) for part, dot in zip(parts, dots, strict=True) if not dot]
+    if lines:
+        cv2.polylines(out, lines, isClosed=True, color=color, thickness=thickness)
+    first = points[starts[dots]]
+    out[np.clip(first[:, 1], 0, out.shape[0] - 1), np.clip(first[:, 0], 0, out.shape[1] - 1)] = color
 
 
 def write_png(path: Path | str, image: np.ndarray) -> None:
