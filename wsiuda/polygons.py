@@ -178,9 +178,9 @@ def _on_grid(geometries: np.ndarray) -> np.ndarray:
     """Valid geometries snapped to :data:`GRID`, valid on it.
 
     Each vertex is rounded to the grid, and GEOS's slower valid-output snapping (an overlay) repairs those
-    that rounding made invalid. On nuclei rounding keeps nearly every outline valid, and it gave the same
-    shapes as the valid-output snapping (which starts some rings at another vertex) in a twentieth of the
-    time.
+    that rounding made invalid. On nuclei rounding keeps nearly every outline valid; it gave the same
+    shapes as the valid-output snapping (which starts some rings at another vertex), 8x faster
+    (benchmarks/results/nuclei_steps.md).
     """
     snapped = shapely.set_precision(geometries, GRID, mode="pointwise")
     broken = ~shapely.is_valid(snapped)

@@ -40,8 +40,7 @@ def feature_id(slide_key: str, y: float, x: float) -> str:
 def polygon_coordinates(polygon: Polygon) -> list[list[list[float]]]:
     """GeoJSON rings of a polygon: closed lists of [x, y] to 0.01 px, exterior first."""
     rings = [polygon.exterior, *polygon.interiors]
-    # Rounded as arrays: a nucleus has tens of vertices, and Python's round() on each was a tenth of the
-    # time a dense tile spent outside the network and the CRF.
+    # Rounded as arrays: Python's round() on each of a nucleus's tens of vertices took twice as long.
     return [np.round(shapely.get_coordinates(ring), 2).tolist() for ring in rings]
 
 
