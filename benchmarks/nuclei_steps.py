@@ -1,6 +1,6 @@
 """What `wsiuda segment` spends on a dense tile after the network and the CRF, step by step.
 
-    .venv/bin/python benchmarks/nuclei_steps.py
+    nice .venv/bin/python benchmarks/nuclei_steps.py
 
 Four 1456² windows of generated dense H&E (tests/synthetic.py, about 400 nuclei per 1024² core), the
 default model's int8 probabilities refined by the default CRF, as the pipeline has them. Each step of a
@@ -161,7 +161,7 @@ def main() -> None:
     per_tile = {name: ms / len(data) for name, ms in timed.items()}
     results = {
         "hardware": hardware(),
-        "command": "python benchmarks/nuclei_steps.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["nice .venv/bin/python benchmarks/nuclei_steps.py", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d"),
         "tiles": len(data),
         "nuclei_per_tile": nuclei,
