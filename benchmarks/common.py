@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -12,6 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+_CONSOLE_SCRIPT = Path(sys.executable).parent / "wsiuda"
+WSIUDA: list[str] = (
+    [str(_CONSOLE_SCRIPT)]
+    if _CONSOLE_SCRIPT.is_file()
+    # Installed with --target (no console script beside the interpreter): the same entry point.
+    else [sys.executable, "-c", "from wsiuda.cli.main import main; main()"]
+)
+"""The `wsiuda` command, as benchmarks run it."""
 
 
 def cpu_model() -> str:

@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -54,10 +55,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import hardware, run_measured, write_generated_slide  # noqa: E402
+from common import WSIUDA, hardware, run_measured, write_generated_slide  # noqa: E402
 from synthetic import synthetic_he  # noqa: E402
 
-WSIUDA = Path(sys.executable).parent / "wsiuda"
 SHARED = Path(os.environ.get("WSIUDA_SHARED", REPO.parent / "shared"))
 CMU1 = SHARED / "slides" / "CMU-1-Small-Region.svs"
 MONUSEG = SHARED / "datasets" / "monuseg2018"
@@ -117,6 +117,40 @@ for contour in contours:
 with open(sys.argv[5], "w") as handle:
     json.dump({"type": "FeatureCollection", "features": features}, handle)
 print(json.dumps({"seconds": time.perf_counter() - start, "tiles": len(windows), "nuclei": len(features)}))
+"""
+
+
+# One thread's int8 forward pass and default CRF per window, in a process of its own whose malloc is glibc's
+# default ("default") or set as `wsiuda segment` sets it ("reuse"): the setting belongs to the process.
+ALLOCATOR_PROBE = r"""
+import json, resource, sys, time
+import numpy as np
+mode, model_path, windows_path, boxes = sys.argv[1:5]
+if mode == "reuse":
+    from wsiuda.allocator import reuse_freed_memory
+    assert reuse_freed_memory()
+import torch
+torch.set_num_threads(1)
+from wsiuda.crf import DEFAULT_CRF, dense_crf
+from wsiuda.models import Segmenter
+windows = np.load(windows_path)
+crf_boxes = [tuple(slice(a, b) for a, b in box) for box in json.loads(boxes)]
+segmenter = Segmenter.load(model_path, device="cpu", precision="auto")
+probabilities = [segmenter.predict(window[None])[0] for window in windows]  # also the warm-up
+dense_crf(windows[0][crf_boxes[0]], probabilities[0][crf_boxes[0]], DEFAULT_CRF)
+def timed(step):
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start = time.perf_counter()
+    for index in range(len(windows)):
+        step(index)
+    seconds = time.perf_counter() - start
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return seconds / len(windows) * 1e3, faults / len(windows)
+forward = lambda i: segmenter.predict(windows[i][None])
+crf = lambda i: dense_crf(windows[i][crf_boxes[i]], probabilities[i][crf_boxes[i]], DEFAULT_CRF)
+best_forward, best_crf = timed(forward), timed(crf)
+print(json.dumps({"forward_ms": best_forward[0], "forward_faults": best_forward[1],
+                  "crf_ms": best_crf[0], "crf_faults": best_crf[1]}))
 """
 
 
@@ -212,7 +246,7 @@ def fastest_of(repeats: int, runs: dict[str, Callable[[], dict[str, Any]]]) -> d
 def end_to_end(slide: Path, model: Path, out: Path, *extra: str) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
     command = [
-        str(WSIUDA),
+        *WSIUDA,
         "-q",
         "segment",
         str(slide),
@@ -329,6 +363,47 @@ def per_tile_costs(job: Any, blocks: list[Any], model: Path, *, count: int, repe
         "crf_ms_1_thread": {name: min(timed[f"crf {name}"]) * 1e3 for name in modes},
         "all_ms": {name: [round(v * 1e3) for v in values] for name, values in timed.items()},
     }
+
+
+def allocator_effect(
+    job: Any, blocks: list[Any], model: Path, workdir: Path, *, count: int, repeats: int
+) -> dict[str, Any]:
+    """One thread's forward pass and default CRF per window, with glibc's default malloc and with the
+    setting of `wsiuda segment` (wsiuda.allocator), each in a process of its own, on the first ``count``
+    windows; the two processes alternate for ``repeats`` rounds and each figure keeps its fastest."""
+    from wsiuda.pipelines.segment import WindowReader
+
+    reader = WindowReader(job.source, job.scale)
+    windows = np.stack([reader.read(block.window) for block in blocks[:count]])
+    reader.close()
+    path = workdir / "allocator-windows.npy"
+    np.save(path, windows)
+    boxes = [[(s.start, s.stop) for s in job.work_boxes(block)[1].as_slices()] for block in blocks[:count]]
+    measured: dict[str, list[dict[str, float]]] = {"default": [], "reuse": []}
+    for _ in range(max(1, repeats)):
+        for mode in measured:
+            command = [
+                sys.executable,
+                "-c",
+                ALLOCATOR_PROBE,
+                mode,
+                str(model),
+                str(path),
+                json.dumps(boxes),
+                "1",
+            ]
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            measured[mode].append(json.loads(done.stdout.splitlines()[-1]))
+    path.unlink()
+    return {
+        mode: {
+            "forward_ms": min(r["forward_ms"] for r in rounds),
+            "crf_ms": min(r["crf_ms"] for r in rounds),
+            "forward_faults_per_tile": min(r["forward_faults"] for r in rounds),
+            "crf_faults_per_tile": min(r["crf_faults"] for r in rounds),
+        }
+        for mode, rounds in measured.items()
+    } | {"tiles": count}
 
 
 def model_only(job: Any, blocks: list[Any], model: Path, *, crf: bool = False) -> dict[str, Any]:
@@ -483,7 +558,7 @@ def report(results: dict[str, Any]) -> str:
         "(here one worker, in the calling process, running 2 tasks at once), network in int8 "
         "(`--precision auto` with the model's calibration; both tasks' forward passes side by side on one "
         "thread each), CRF at half resolution with 2 iterations (w1=1) in a helper process per task, "
-        "tile 1024, batch 1, "
+        "malloc set to reuse freed memory (see the malloc section), tile 1024, batch 1, "
         "backend auto (tiffslide for these SVS files); wall time is process start to exit (cluster start-up "
         "included). "
         "The baseline is the issue's plain loop (OpenSlide read_region, resize to 0.25 µm/px, the network "
@@ -585,6 +660,28 @@ def report(results: dict[str, Any]) -> str:
                 f"Without it, everything else would be {share:.1%} of the wall time.",
                 "",
             ]
+    for name, slide in results["slides"].items():
+        if "allocator" not in slide:
+            continue
+        effect = slide["allocator"]
+        default, reuse = effect["default"], effect["reuse"]
+        lines += [
+            "## malloc",
+            "",
+            f"{name}, first {effect['tiles']} windows, one thread, each setting in a process of its own, "
+            f"fastest of {results.get('repeats', 1)} alternating rounds. With glibc's default malloc / set "
+            "to reuse freed memory as `wsiuda segment` sets it (`wsiuda.allocator`): int8 forward pass "
+            f"{default['forward_ms']:.0f} / {reuse['forward_ms']:.0f} ms per window "
+            f"({default['forward_ms'] / reuse['forward_ms']:.2f}x), "
+            f"{default['forward_faults_per_tile']:,.0f} / {reuse['forward_faults_per_tile']:,.0f} "
+            "page faults; "
+            f"default CRF {default['crf_ms']:.0f} / {reuse['crf_ms']:.0f} ms "
+            f"({default['crf_ms'] / reuse['crf_ms']:.2f}x), "
+            f"{default['crf_faults_per_tile']:,.0f} / {reuse['crf_faults_per_tile']:,.0f} page faults. "
+            "The end-to-end runs, model only, model and CRF only and the per-tile figures above all run with "
+            "the setting; the plain loops run with the default, as a user's script would.",
+            "",
+        ]
     quality = results["crf_quality"]
     if "dice" in quality:
         lines += [
@@ -730,6 +827,11 @@ def main() -> None:
         (args.out / f"{stem}.md").write_text(report(results))
         return
     args.workdir.mkdir(parents=True, exist_ok=True)
+    # Model only, model and CRF only and the per-tile costs run in this process: with its malloc set as
+    # `wsiuda segment` sets its own, they run as the forward passes and the CRF run there.
+    from wsiuda.allocator import reuse_freed_memory
+
+    reuse_freed_memory()
     results: dict[str, Any] = {
         "hardware": hardware(),
         "command": " ".join(["nice .venv/bin/python benchmarks/segment_throughput.py", *sys.argv[1:]]),
@@ -788,6 +890,10 @@ def main() -> None:
             entry["baseline_wsiuda_int8"] = baseline(path, model, blocks, args.workdir, mode="int8")
         if name.startswith("CMU-1"):
             entry["two_workers"] = end_to_end(path, model, args.workdir / "e2e-2w", "--workers", "2")
+        if name.startswith("CMU-1") or args.quick:
+            entry["allocator"] = allocator_effect(
+                job, blocks, model, args.workdir, count=2 if args.quick else 4, repeats=args.repeats
+            )
         entry["per_tile"] = per_tile_costs(
             job, blocks, model, count=2 if args.quick else 4, repeats=args.repeats
         )

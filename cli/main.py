@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from wsiuda import __version__
+from wsiuda.allocator import reuse_freed_memory
 from wsiuda.errors import WsiudaError
 
 # command name -> (module under wsiuda.cli, one-line help shown by `wsiuda --help`)
@@ -71,12 +72,15 @@ def cli(verbose: int, quiet: bool) -> None:
 
 
 def main() -> None:
-    """The console script: :data:`cli`, then a prompt exit.
+    """The console script: :data:`cli` in a process whose malloc reuses freed memory
+    (:mod:`wsiuda.allocator`), then a prompt exit.
 
     Once the command has returned, every output is closed and flushed. Python's ordinary shutdown then
     spends most of a second tearing torch down, a real share of a small slide's run, so the process
     flushes its streams and exits at once. Library callers and tests use :data:`cli`, which exits normally.
     """
+    # The process is the command's own: its malloc may keep freed memory for the next tiles.
+    reuse_freed_memory()
     code: int | str | None = 0
     try:
         cli()

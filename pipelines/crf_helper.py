@@ -26,6 +26,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
+from wsiuda.allocator import reuse_freed_memory
 from wsiuda.crf import CrfParams, dense_crf
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,8 @@ def _helper(helpers: int) -> ProcessPoolExecutor | None:
         if _HELPER is None:
             # spawn, not fork: a forked copy of a worker would carry torch's thread pools and the model.
             _HELPER = ProcessPoolExecutor(
-                max_workers=max(1, helpers), mp_context=multiprocessing.get_context("spawn")
+                max_workers=max(1, helpers),
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=reuse_freed_memory,
             )
         return _HELPER

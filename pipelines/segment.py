@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from wsiuda import __version__
+from wsiuda.allocator import ENVIRONMENT as ALLOCATOR_ENVIRONMENT
 from wsiuda.blocks import Block, batches, halo_px, nucleus_reach_px, plan_blocks, window_size
 from wsiuda.config import atomic_write_text, check_precision, config_to_dict, save_config
 from wsiuda.crf import DEFAULT_CRF, CrfParams, crf_reach_px
@@ -919,9 +920,11 @@ def _client(config: SegmentConfig) -> Iterator[Any]:
     workers = local_workers(config)
     threads = _threads_per_worker(config)
     # torch in each worker gets the worker's share of the cores (it reads these when it starts).
+    environment = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    # Workers keep the memory they free for their next tiles (wsiuda.allocator), as the console script does.
+    environment.update(ALLOCATOR_ENVIRONMENT)
     settings: dict[str, Any] = {
-        f"distributed.nanny.pre-spawn-environ.{name}": str(threads)
-        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+        f"distributed.nanny.pre-spawn-environ.{name}": value for name, value in environment.items()
     }
     settings["distributed.worker.daemon"] = False  # so that a worker may start its CRF helper process
     # The statistical profiler samples every thread's stack each 10 ms, for a dashboard that this cluster
