@@ -128,6 +128,7 @@ def main() -> None:
     # The repository's own wsiuda/ must not shadow the installed package in the runs' processes.
     os.environ["PYTHONSAFEPATH"] = "1"
     args.workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
     results: dict[str, Any] = {
         "hardware": {
             "gpu": torch.cuda.get_device_name(0),
@@ -150,9 +151,11 @@ def main() -> None:
     }
     if CMU1.exists() and not args.quick:
         slides["CMU-1-Small-Region.svs"] = CMU1
+    print(f"slides ready after {time.perf_counter() - started:.0f} s", flush=True)
     for name, path in slides.items():
         print(f"== {name}", flush=True)
         job, blocks, _ = plan(path, model, tile=1024)
+        print(f"{len(blocks)} tiles planned after {time.perf_counter() - started:.0f} s", flush=True)
         entry: dict[str, Any] = fastest_of(
             args.repeats,
             {
@@ -164,9 +167,10 @@ def main() -> None:
         entry["cpu"] = end_to_end(path, model, args.workdir / "cpu", "--device", "cpu")
         results["slides"][name] = entry
         print(json.dumps(entry, indent=1, default=str), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "segment_gpu.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (args.out / "segment_gpu.md").write_text(report(results))
+        # After each slide, so that a run cut short keeps what it measured.
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "segment_gpu.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        (args.out / "segment_gpu.md").write_text(report(results))
     print(report(results))
 
 

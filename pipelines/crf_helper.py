@@ -4,7 +4,8 @@ pydensecrf holds the GIL for the whole of its inference. In a worker that runs o
 another in the CRF at the same time, that stops the network's Python code, and with it the forward pass,
 for as long as the CRF runs: on two cores a tile's forward pass took 135 s beside a CRF loop against 3.7 s
 alone. A helper process has a GIL of its own. It imports only numpy, OpenCV and pydensecrf (no torch, no
-model), so it costs tens of MB, and a tile's crop travels to it and back through a pipe in milliseconds.
+model), so it costs tens of MB. A tile's crop travels to it and back through a pipe on the CRF's own
+(coarser) grid.
 
 Each worker process starts its helpers the first time it needs them and keeps them: one per task that
 runs at once, so that two tasks reaching the CRF together do not queue for one helper while a core idles
@@ -27,7 +28,7 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 
 from wsiuda.allocator import reuse_freed_memory
-from wsiuda.crf import CrfParams, dense_crf
+from wsiuda.crf import CrfParams, crf_on_grid, dense_crf, from_crf_grid, to_crf_grid
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +57,29 @@ class PendingCrf:
         self, image: np.ndarray, probability: np.ndarray, params: CrfParams, *, helpers: int = 1
     ) -> None:
         self._arguments = (image, probability, params)
+        self._shape = probability.shape
         helper = _helper(helpers) if helpers > 0 else None
         self._future: Future[np.ndarray] | None = None
         if helper is not None:
             try:
-                self._future = helper.submit(dense_crf, image, probability, params)
+                if params.uncertain_margin is None:
+                    # The helper gets and returns the CRF's own grid, a quarter of the bytes at half
+                    # resolution: pickling crops through the pipe cost a tile ~60 ms of CPU at full size.
+                    coarse = to_crf_grid(image, probability, params)
+                    self._future = helper.submit(crf_on_grid, *coarse, params)
+                else:
+                    self._future = helper.submit(dense_crf, image, probability, params)
             except BrokenProcessPool:
                 _helper_died()
 
     def result(self) -> np.ndarray:
         if self._future is not None:
             try:
-                return self._future.result()
+                refined = self._future.result()
             except BrokenProcessPool:
                 _helper_died()
+            else:
+                return from_crf_grid(refined, self._shape)
         return dense_crf(*self._arguments)
 
 

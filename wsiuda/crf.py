@@ -98,11 +98,7 @@ def dense_crf(image: np.ndarray, probability: np.ndarray, params: CrfParams) -> 
     ``image`` is uint8 RGB (H, W, 3) and ``probability`` float (H, W) in [0, 1] on the same grid. Returns the
     CRF's foreground marginal, float32 (H, W).
     """
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
-    if probability.shape != image.shape[:2]:
-        raise ValueError(f"probability {probability.shape} does not match image {image.shape[:2]}")
-    probability = np.asarray(probability, dtype=np.float32)
+    probability = _checked(image, probability)
     if params.uncertain_margin is None:
         return _crf_resampled(image, probability, params)
 
@@ -124,16 +120,49 @@ def dense_crf(image: np.ndarray, probability: np.ndarray, params: CrfParams) -> 
     return out
 
 
-def _crf_resampled(image: np.ndarray, probability: np.ndarray, params: CrfParams) -> np.ndarray:
+def to_crf_grid(
+    image: np.ndarray, probability: np.ndarray, params: CrfParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """The image and probability on the grid the CRF runs on (``params.downsample`` times coarser).
+
+    With :func:`crf_on_grid` and :func:`from_crf_grid` this is :func:`dense_crf` in three steps (for the
+    whole-map modes, not ``uncertain_margin``), so that a caller can hand only the coarse grid to
+    another process.
+    """
+    probability = _checked(image, probability)
     factor = params.downsample
     if factor == 1:
-        return _crf(image, probability, params)
+        return image, probability
     height, width = probability.shape
     small = (max(round(width / factor), 1), max(round(height / factor), 1))
     image_small = cv2.resize(image, small, interpolation=cv2.INTER_AREA)
-    prob_small = cv2.resize(probability, small, interpolation=cv2.INTER_AREA)
-    refined = _crf(image_small, prob_small, params, spatial_scale=1.0 / factor)
+    return image_small, np.asarray(cv2.resize(probability, small, interpolation=cv2.INTER_AREA))
+
+
+def crf_on_grid(image: np.ndarray, probability: np.ndarray, params: CrfParams) -> np.ndarray:
+    """The CRF on the output of :func:`to_crf_grid`, kernel widths scaled to that grid."""
+    return _crf(image, probability, params, spatial_scale=1.0 / params.downsample)
+
+
+def from_crf_grid(refined: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The CRF's result of :func:`crf_on_grid` back on the probability map's grid of ``shape`` (H, W)."""
+    if refined.shape == shape:
+        return refined
+    height, width = shape
     return np.asarray(cv2.resize(refined, (width, height), interpolation=cv2.INTER_LINEAR), dtype=np.float32)
+
+
+def _checked(image: np.ndarray, probability: np.ndarray) -> np.ndarray:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+    if probability.shape != image.shape[:2]:
+        raise ValueError(f"probability {probability.shape} does not match image {image.shape[:2]}")
+    return np.asarray(probability, dtype=np.float32)
+
+
+def _crf_resampled(image: np.ndarray, probability: np.ndarray, params: CrfParams) -> np.ndarray:
+    coarse = to_crf_grid(image, probability, params)
+    return from_crf_grid(crf_on_grid(*coarse, params), probability.shape)
 
 
 def _crf(
