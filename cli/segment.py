@@ -38,10 +38,10 @@ log = logging.getLogger("wsiuda.cli.segment")
 @click.option("--no-crf", "no_crf", is_flag=True, help="Skip the dense CRF refinement (faster).")
 @click.option(
     "--crf-downsample",
-    type=click.IntRange(min=1),
+    type=click.FloatRange(min=1),
     default=None,
     help="Run the CRF on a grid this many times coarser, kernels scaled to match (1: full resolution) "
-    "[default: 2].",
+    "[default: 2.5].",
 )
 @click.option(
     "--mpp",
@@ -81,7 +81,7 @@ def command(
     device: str,
     precision: str,
     no_crf: bool,
-    crf_downsample: int | None,
+    crf_downsample: float | None,
     mpp: float | None,
     slide_mpp: float | None,
     backend: str,

@@ -63,8 +63,8 @@ class PendingCrf:
         if helper is not None:
             try:
                 if params.uncertain_margin is None:
-                    # The helper gets and returns the CRF's own grid, a quarter of the bytes at half
-                    # resolution: pickling crops through the pipe cost a tile ~60 ms of CPU at full size.
+                    # The helper gets and returns the CRF's own coarser grid (a sixth of the bytes by
+                    # default): pickling whole crops through the pipe cost a tile ~60 ms of CPU.
                     coarse = to_crf_grid(image, probability, params)
                     self._future = helper.submit(crf_on_grid, *coarse, params)
                 else:

@@ -49,8 +49,8 @@ class CrfParams:
     """Spatial width of the smoothness kernel, px."""
     iterations: int = 5
     """Mean-field iterations."""
-    downsample: int = 1
-    """Run the CRF on a grid this many times coarser (1: full resolution)."""
+    downsample: float = 1.0
+    """Run the CRF on a grid this many times coarser (1: full resolution; need not be a whole number)."""
     uncertain_margin: float | None = None
     """If set, refine only blocks holding pixels with |p - 0.5| < margin; elsewhere keep p."""
     block: int = 128
@@ -73,13 +73,14 @@ class CrfParams:
             raise ConfigError(f"CRF block must be >= 8 px, got {self.block}")
 
 
-DEFAULT_CRF = CrfParams(w1=1.0, downsample=2, iterations=2)
+DEFAULT_CRF = CrfParams(w1=1.0, downsample=2.5, iterations=2)
 """The CRF that segment and evaluate run: the paper's kernels with the appearance weight chosen on the
 default model's source validation images (benchmarks/results/crf_tuning.md; the paper group's w1=10 lost 0.046
-Dice there), at half resolution and with 2 mean-field iterations. Both score like the full CRF (full
-resolution, 5 iterations) in a fraction of its time: on the 14 MoNuSeg 2018 test images, 2 iterations
-instead of 5 moved Dice by 0.0002 and cut a tile's CRF by a quarter, which a CPU whose int8 forward pass is
-fast (AVX-512 VNNI) needs to keep the CRF under half of the forward pass
+Dice there), on a grid 2.5 times coarser than the working grid and with 2 mean-field iterations. With malloc
+set to reuse freed memory (wsiuda.allocator) the int8 forward pass of a CMU-1-Small-Region tile takes 320 ms
+on a 2-core EPYC with AVX-512 VNNI, and the CRF at half resolution took 0.6x as long; 2.5 is the least
+coarsening of 2, 2.5 and 3 that brings it under half. On the 14 MoNuSeg 2018 test images it loses 0.0038
+Dice against the full CRF (full resolution, 5 iterations; half resolution lost 0.0025, a third 0.0056)
 (benchmarks/results/segment_throughput.md)."""
 
 
