@@ -742,6 +742,12 @@ def targets(results: dict[str, Any]) -> list[str]:
             f"(target <= 20%: {'met' if share <= 0.2 else 'MISSED'})"
         )
         if "model_and_crf_only" in slide:
+            # Not a verdict: the same in seconds, which a faster forward pass or CRF does not change.
+            other_s = slide["end_to_end"]["wall_s"] - slide["model_and_crf_only"]["wall_s"]
+            out.append(
+                f"{name}: everything else is {other_s:.1f} s of the {slide['end_to_end']['wall_s']:.1f} s "
+                f"({other_s / slide['end_to_end']['tiles']:.2f} s a tile)"
+            )
             outside, without = once_per_run(slide)  # not a verdict: the start-up is part of the wall time
             out.append(
                 f"{name}: of that, {outside:.1f} s is the start-up and exit paid once per run; without "
