@@ -4,7 +4,8 @@
 
 Four 1456² windows of generated dense H&E (tests/synthetic.py, about 400 nuclei per 1024² core), the
 default model's int8 probabilities refined by the default CRF, as the pipeline has them. Each step of a
-tile's work after the CRF (pipelines/segment.py: _finish_block) is timed on one thread, over the 4
+tile's work after the CRF (pipelines/segment.py: _finish_block) is timed on one thread, with malloc set as
+`wsiuda segment` sets it (wsiuda.allocator), over the 4
 tiles, and keeps its fastest of --repeats rounds. Two of the steps are also timed the way they ran
 before, to show what each change saved: the watershed over the whole tile at once, and GEOS's valid-output
 snapping of every outline to the 0.01 px grid. Results go to benchmarks/results/nuclei_steps.{json,md}.
@@ -76,12 +77,14 @@ def main() -> None:
     from skimage.segmentation import watershed
 
     from wsiuda import instances, polygons
+    from wsiuda.allocator import reuse_freed_memory
     from wsiuda.geometry import Region
     from wsiuda.io.geojson import dump_feature, feature_id, nucleus_feature
     from wsiuda.io.maskstore import MaskStore
     from wsiuda.overlay import draw_outlines
 
     cv2.setNumThreads(1)  # as each task of a segment worker runs
+    reuse_freed_memory()  # as `wsiuda segment` sets its process's malloc
     data = tiles(args.tiles)
     margin = (WINDOW - CORE) // 2
     core = Region(margin, margin, CORE, CORE)
