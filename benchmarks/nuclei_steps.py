@@ -6,8 +6,9 @@ Four 1456² windows of generated dense H&E (tests/synthetic.py, about 400 nuclei
 default model's int8 probabilities refined by the default CRF, as the pipeline has them. Each step of a
 tile's work after the CRF (pipelines/segment.py: _finish_block) is timed on one thread, with malloc set as
 `wsiuda segment` sets it (wsiuda.allocator), over the 4 tiles, and keeps its fastest of --repeats rounds.
-Two of the steps are also timed the way they ran before, to show what each change saved: the watershed over the whole tile at once, and GEOS's valid-output
-snapping of every outline to the 0.01 px grid. Results go to benchmarks/results/nuclei_steps.{json,md}.
+Two of the steps are also timed the way they ran before, to show what each change saved: the watershed
+over the whole tile at once, and GEOS's valid-output snapping of every outline to the 0.01 px grid.
+Results go to benchmarks/results/nuclei_steps.{json,md}.
 """
 
 from __future__ import annotations
