@@ -1,7 +1,9 @@
 """Training speed on this machine: U-Net width sweep, and seconds per epoch of `source-only` and `ours`.
 
 TNBC is the source and the MoNuSeg images not marked test in split.tsv are the target (as `wsiuda adapt`
-reads them). Each method runs in its own process, so its peak resident memory is its own. Results go to
+reads them). Each method runs in its own process, so its peak resident memory is its own, once with glibc's
+default malloc and once with malloc set to reuse freed memory, as the `wsiuda` command sets it
+(wsiuda.allocator). The width sweep runs in this process, set that way. Results go to
 benchmarks/results/train_speed.{md,json}.
 
     nice python benchmarks/train_speed.py [--shared ../shared] [--epochs 2] [--iters-per-epoch 25]
@@ -70,9 +72,14 @@ def peak_rss_kib() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
-def one_method(method: str, shared: Path, epochs: int, iters: int) -> dict[str, object]:
-    """Train ``method`` for ``epochs`` in this process and report its epoch times and peak RSS."""
+def one_method(method: str, shared: Path, epochs: int, iters: int, malloc: str) -> dict[str, object]:
+    """Train ``method`` for ``epochs`` in this process and report its epoch times and peak RSS; ``malloc``
+    "reuse" first sets this process's malloc as the `wsiuda` command sets its own."""
+    from wsiuda.allocator import reuse_freed_memory
     from wsiuda.train import AdaptConfig, fit
+
+    if malloc == "reuse" and not reuse_freed_memory():
+        raise SystemExit("malloc could not be set (not glibc)")
 
     datasets = shared / "datasets"
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,6 +99,7 @@ def one_method(method: str, shared: Path, epochs: int, iters: int) -> dict[str, 
     peak_kib = peak_rss_kib()
     return {
         "method": method,
+        "malloc": malloc,
         "epoch_seconds": [entry["epoch_seconds"] for entry in history],
         "seconds_per_iteration": history[-1]["epoch_seconds"] / history[-1]["iterations"],
         "wall_seconds_with_loading_and_validation": round(total, 1),
@@ -114,24 +122,30 @@ def main() -> None:
     parser.add_argument("--iters-per-epoch", type=int, default=25)
     parser.add_argument("--methods", nargs="+", default=["source-only", "ours"])
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--malloc", default="default", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one_method(args.one, args.shared, args.epochs, args.iters_per_epoch)))
+        print(json.dumps(one_method(args.one, args.shared, args.epochs, args.iters_per_epoch, args.malloc)))
         return
     if not (args.shared / "datasets" / "tnbc").is_dir():
         sys.exit(f"{args.shared}/datasets/tnbc is absent; pass --shared")
     import torch
 
+    from wsiuda.allocator import reuse_freed_memory
+
     load_before = os.getloadavg()[0]
+    reuse_freed_memory()  # the sweep's process, as `wsiuda adapt` and `train` run
     sweep = width_sweep([8, 16, 32], batch=8, size=256, repeats=2)
     methods = []
     for method in args.methods:
-        command = [sys.executable, __file__, "--one", method, "--shared", str(args.shared),
-                   "--epochs", str(args.epochs), "--iters-per-epoch", str(args.iters_per_epoch)]  # fmt: skip
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        methods.append(json.loads(output.strip().splitlines()[-1]))
-    base = next((m for m in methods if m["method"] == "source-only"), methods[0])
+        for malloc in ("default", "reuse"):
+            command = [sys.executable, __file__, "--one", method, "--shared", str(args.shared),
+                       "--epochs", str(args.epochs), "--iters-per-epoch", str(args.iters_per_epoch),
+                       "--malloc", malloc]  # fmt: skip
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            methods.append(json.loads(output.strip().splitlines()[-1]))
     for m in methods:
+        base = next(b for b in methods if b["method"] == methods[0]["method"] and b["malloc"] == m["malloc"])
         m["ratio_to_source_only"] = round(m["seconds_per_iteration"] / base["seconds_per_iteration"], 2)  # type: ignore[operator]
     hardware = {
         "cpu": cpu_model(),
@@ -170,7 +184,8 @@ def markdown(document: dict) -> str:  # type: ignore[type-arg]
         "",
         f"Command: `{document['command']}`",
         "",
-        "## Network cost: one forward + backward (+ Adam) pass, batch 8 of 3 x 256², channels_last",
+        "## Network cost: one forward + backward (+ Adam) pass, batch 8 of 3 x 256², channels_last, malloc "
+        "reusing freed memory",
         "",
         "| network | width | seconds | ratio to width 8 |",
         "|---|---:|---:|---:|",
@@ -191,14 +206,17 @@ def markdown(document: dict) -> str:  # type: ignore[type-arg]
         "target patches for `ours`); epoch time excludes validation. The last epoch's time is reported (the "
         "first includes warm-up).",
         "",
-        "| method | width | iterations / epoch | s / epoch (each epoch) | s / iteration "
+        "| method | malloc | width | iterations / epoch | s / epoch (each epoch) | s / iteration "
         "| s / default epoch (25 it.) | ratio to source-only | peak RSS (MiB) |",
-        "|---|---:|---:|---|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     for m in document["methods"]:
         epochs = ", ".join(f"{s:.1f}" for s in m["epoch_seconds"])
+        malloc = {"default": "glibc's default", "reuse": "reuses freed memory (as `wsiuda`)"}.get(
+            str(m.get("malloc", "default")), "glibc's default"
+        )
         lines.append(
-            f"| {m['method']} | {m['width']} | {m['iters_per_epoch']} | {epochs} "
+            f"| {m['method']} | {malloc} | {m['width']} | {m['iters_per_epoch']} | {epochs} "
             f"| {m['seconds_per_iteration']:.2f} | {25 * m['seconds_per_iteration']:.0f} "
             f"| {m['ratio_to_source_only']:.2f} "
             f"| {m['peak_rss_mib']:.0f} |"
@@ -207,7 +225,8 @@ def markdown(document: dict) -> str:  # type: ignore[type-arg]
         "",
         "`ours` runs S three times per iteration (source, target, transformed target), D twice and R once, "
         "hence its ratio. Peak RSS is the whole training process: datasets decoded in memory, networks, "
-        "optimiser state and the batch prefetch.",
+        "optimiser state and the batch prefetch. The `wsiuda` command sets its process's malloc to reuse "
+        "freed memory (wsiuda.allocator); each setting ran in a process of its own, one after the other.",
         "",
     ]
     return "\n".join(lines)
