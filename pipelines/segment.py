@@ -853,9 +853,11 @@ def _runner(config: SegmentConfig) -> Iterator[Runner]:
         yield run_distributed
 
 
-# What one worker holds at its peak: torch, the model and one 1024-tile window in the network (one task at a
-# time is in the network, see _threads_per_worker).
-WORKER_MEMORY_BYTES = 1.5e9
+# What one worker holds at its peak: torch, the model, the windows of its tasks in the network (see
+# _threads_per_worker) and its CRF helpers. Workers keep their peak (wsiuda.allocator): a lone 2-task worker
+# peaked at 1.35-1.52 GB with the CRF in int8 and 1.87 GB with --no-crf in float32
+# (benchmarks/results/segment_throughput.md).
+WORKER_MEMORY_BYTES = 2e9
 
 
 def local_workers(config: SegmentConfig) -> int:
