@@ -29,8 +29,7 @@ round by round, and each keeps its fastest: on a shared machine the fastest run 
    faster forward pass from the pipeline.
 6. CRF quality: Dice against the labels of the 14 MoNuSeg 2018 official test images (../shared) for no CRF,
    the full CRF (full resolution, 5 iterations), half resolution with 5 and with 2 iterations, a 2.5x
-   coarser grid with 2 (the default)
-   iterations and uncertain-only, refining the model's probabilities.
+   coarser grid with 2 iterations (the default) and uncertain-only, refining the model's probabilities.
 7. GeoJSON writing rate.
 8. malloc (CMU-1): one thread's int8 forward pass and default CRF per window with glibc's default malloc
    and with the setting `wsiuda segment` gives its processes (wsiuda.allocator), each in a process of its
@@ -153,9 +152,9 @@ def timed(step):
     return seconds / len(windows) * 1e3, faults / len(windows)
 forward = lambda i: segmenter.predict(windows[i][None])
 crf = lambda i: dense_crf(windows[i][crf_boxes[i]], probabilities[i][crf_boxes[i]], DEFAULT_CRF)
-best_forward, best_crf = timed(forward), timed(crf)
-print(json.dumps({"forward_ms": best_forward[0], "forward_faults": best_forward[1],
-                  "crf_ms": best_crf[0], "crf_faults": best_crf[1]}))
+(forward_ms, forward_faults), (crf_ms, crf_faults) = timed(forward), timed(crf)
+print(json.dumps({"forward_ms": forward_ms, "forward_faults": forward_faults,
+                  "crf_ms": crf_ms, "crf_faults": crf_faults}))
 """
 
 
@@ -395,7 +394,6 @@ def allocator_effect(
                 str(model),
                 str(path),
                 json.dumps(boxes),
-                "1",
             ]
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             measured[mode].append(json.loads(done.stdout.splitlines()[-1]))
