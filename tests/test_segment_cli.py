@@ -182,6 +182,20 @@ def test_one_local_worker_runs_in_this_process(
     assert (tmp_path / "a.geojson").read_bytes() == (tmp_path / "b.geojson").read_bytes()
 
 
+@pytest.mark.parametrize(("option", "downsample"), [([], 2.5), (["--crf-downsample", "1.5"], 1.5)])
+def test_the_crf_grid_the_run_used_is_recorded(
+    tmp_path: Path, small_slide: Path, dark_model: Path, option: list[str], downsample: float
+) -> None:
+    """The default CRF grid, or a fractional one from --crf-downsample, is what the saved settings hold."""
+    import yaml
+
+    result = run(str(small_slide), "-o", str(tmp_path / "a.geojson"), "-m", str(dark_model),
+                 "--scheduler", "sync", "--tile", "128", *option)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((tmp_path / "a.segment.yaml").read_text())
+    assert saved["config"]["crf_params"]["downsample"] == downsample
+
+
 def test_an_unreachable_scheduler_is_one_line(tmp_path: Path, small_slide: Path, dark_model: Path) -> None:
     import dask
 
