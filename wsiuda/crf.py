@@ -130,7 +130,10 @@ def to_crf_grid(
     whole-map modes, not ``uncertain_margin``), so that a caller can hand only the coarse grid to
     another process.
     """
-    probability = _checked(image, probability)
+    return _to_grid(image, _checked(image, probability), params)
+
+
+def _to_grid(image: np.ndarray, probability: np.ndarray, params: CrfParams) -> tuple[np.ndarray, np.ndarray]:
     factor = params.downsample
     if factor == 1:
         return image, probability
@@ -162,7 +165,8 @@ def _checked(image: np.ndarray, probability: np.ndarray) -> np.ndarray:
 
 
 def _crf_resampled(image: np.ndarray, probability: np.ndarray, params: CrfParams) -> np.ndarray:
-    coarse = to_crf_grid(image, probability, params)
+    """The CRF of inputs that :func:`dense_crf` has checked."""
+    coarse = _to_grid(image, probability, params)
     return from_crf_grid(crf_on_grid(*coarse, params), probability.shape)
 
 
