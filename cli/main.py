@@ -53,10 +53,23 @@ class LazyGroup(click.Group):
             sys.exit(2)
 
 
+class _Formatter(logging.Formatter):
+    """Warnings and errors as a user reads them ("Error: slide.svs has no mpp; pass ..."), one line each;
+    the rest with the logger's name, for whoever asked for more (-v)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno >= logging.WARNING and not record.exc_info:
+            return f"{record.levelname.capitalize()}: {record.getMessage()}"
+        return super().format(record)
+
+
 def configure_logging(verbosity: int) -> None:
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_Formatter())
     root = logging.getLogger("wsiuda")
     root.handlers[:] = [handler]
     root.setLevel(level)

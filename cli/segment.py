@@ -131,12 +131,13 @@ def command(
         if result.error is None:
             state = "already done" if result.skipped else f"{result.nuclei} nuclei"
             click.echo(f"{result.source}: {state} → {result.geojson}")
-    for failure in report.failures:
-        click.echo(f"Error: {failure.source}: {_strip_path(failure.error or '', failure.source)}", err=True)
+    # Each failed slide was reported on one line as it failed (the pipeline logs it); a batch ends with
+    # the count, as `wsiuda tile` does.
     if report.failures:
+        if len(report.results) > 1:
+            click.echo(
+                f"Error: {len(report.failures)} of {len(report.results)} slides failed (listed above); "
+                "the others are done",
+                err=True,
+            )
         sys.exit(1)
-
-
-def _strip_path(message: str, path: str) -> str:
-    """Errors usually start with the file's path; don't print it twice."""
-    return message[len(path) :].lstrip(": ") if message.startswith(path) else message

@@ -52,11 +52,23 @@ def test_a_bad_slide_is_reported_and_the_batch_goes_on(
         str(bad), str(small_slide), "-o", str(out), "-m", str(dark_model), "--scheduler", "sync", "--no-crf"
     )
     assert result.exit_code == 1, result.output
-    (line,) = error_lines(result.output)
-    assert "broken.svs" in line
+    # The failure as it happened, then the batch's count; nothing else names the bad slide.
+    reported, count = error_lines(result.output)
+    assert "broken.svs" in reported
+    assert count == "Error: 1 of 2 slides failed (listed above); the others are done"
+    assert sum("broken.svs" in line for line in result.output.splitlines()) == 1
     assert "Traceback" not in result.output
     assert len(load_features(out / "small.geojson")) > 5
     assert not (out / "broken.geojson").exists()
+
+
+def test_a_lone_bad_slide_is_one_line(tmp_path: Path, dark_model: Path) -> None:
+    bad = tmp_path / "broken.svs"
+    bad.write_bytes(b"II*\x00" + b"\x00" * 64)
+    result = run(str(bad), "-o", str(tmp_path / "n.geojson"), "-m", str(dark_model), "--scheduler", "sync")
+    assert result.exit_code == 1
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("Error: ") and "broken.svs" in line
 
 
 def test_an_incompatible_model_file_is_one_line(tmp_path: Path, small_slide: Path) -> None:
