@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from wsiuda import __version__
-from wsiuda.allocator import reuse_freed_memory
+from wsiuda.allocator import collect_garbage_less_often, reuse_freed_memory
 from wsiuda.errors import WsiudaError
 
 # command name -> (module under wsiuda.cli, one-line help shown by `wsiuda --help`)
@@ -92,8 +92,10 @@ def main() -> None:
     spends most of a second tearing torch down, a real share of a small slide's run, so the process
     flushes its streams and exits at once. Library callers and tests use :data:`cli`, which exits normally.
     """
-    # The process is the command's own: its malloc may keep freed memory for the next tiles.
+    # The process is the command's own: its malloc may keep freed memory for the next tiles, and its
+    # garbage collector may wait longer between runs.
     reuse_freed_memory()
+    collect_garbage_less_often()
     code: int | str | None = 0
     try:
         cli()

@@ -934,6 +934,9 @@ def _client(config: SegmentConfig) -> Iterator[Any]:
         f"distributed.nanny.pre-spawn-environ.{name}": value for name, value in environment.items()
     }
     settings["distributed.worker.daemon"] = False  # so that a worker may start its CRF helper process
+    processes = workers > 1
+    if processes:  # a lone worker runs in this process, which is the caller's to set up
+        settings["distributed.worker.preload"] = ["wsiuda.pipelines.worker_setup"]
     # The statistical profiler samples every thread's stack each 10 ms, for a dashboard that this cluster
     # does not serve.
     settings["distributed.worker.profile.enabled"] = False
@@ -943,7 +946,7 @@ def _client(config: SegmentConfig) -> Iterator[Any]:
             threads_per_worker=threads,
             # A lone worker runs in this process: no process to spawn, and torch and the model are loaded
             # once. That saves seconds per run, a real share on a small slide.
-            processes=workers > 1,
+            processes=processes,
             dashboard_address=None,
             silence_logs=logging.ERROR,
         )

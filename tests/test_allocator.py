@@ -71,10 +71,26 @@ def test_the_console_script_sets_it_before_the_command_runs(monkeypatch) -> None
 
     calls: list[str] = []
     monkeypatch.setattr(main, "reuse_freed_memory", lambda: calls.append("malloc") or True)
+    monkeypatch.setattr(main, "collect_garbage_less_often", lambda: calls.append("gc"))
     monkeypatch.setattr(main, "cli", lambda: calls.append("command"))
     monkeypatch.setattr(main.os, "_exit", lambda code: calls.append(f"exit {code}"))
     main.main()
-    assert calls == ["malloc", "command", "exit 0"]
+    assert calls == ["malloc", "gc", "command", "exit 0"]
+
+
+def test_the_garbage_collector_runs_less_often_once_set() -> None:
+    result = run_child(
+        "import gc, json\n"
+        "from wsiuda.allocator import GC_THRESHOLDS, collect_garbage_less_often\n"
+        "collect_garbage_less_often()\n"
+        "gc.collect()\n"
+        "kept = [[] for _ in range(5000)]  # 700 < 5000 < 10000\n"
+        "print(json.dumps({'thresholds': gc.get_threshold(), 'expected': GC_THRESHOLDS,\n"
+        "                  'young': gc.get_count()[0]}))\n"
+    )
+    assert tuple(result["thresholds"]) == tuple(result["expected"])
+    # The youngest generation still holds the new lists: it was not collected at 700.
+    assert result["young"] > 4000, result
 
 
 def test_crf_helpers_reuse_freed_memory() -> None:
@@ -120,3 +136,25 @@ def test_local_cluster_workers_get_it_through_their_environment(monkeypatch, tmp
     with pytest.raises(Stop), pipeline._client(config):
         pass
     assert {name: seen.get(name) for name in ENVIRONMENT} == ENVIRONMENT
+
+
+def test_local_cluster_worker_processes_collect_garbage_less_often(tmp_path) -> None:
+    from distributed import Client
+
+    from wsiuda.allocator import GC_THRESHOLDS
+    from wsiuda.pipelines import segment as pipeline
+
+    config = pipeline.SegmentConfig(inputs=("slide.svs",), output=str(tmp_path / "out"), workers=2)
+    with pipeline._client(config) as client:
+        assert isinstance(client, Client)
+        seen = client.run(_gc_thresholds)
+        here = os.getpid()
+        pids = client.run(os.getpid)
+    assert len(seen) == 2 and here not in pids.values()
+    assert all(tuple(thresholds) == GC_THRESHOLDS for thresholds in seen.values()), seen
+
+
+def _gc_thresholds() -> tuple[int, int, int]:
+    import gc
+
+    return gc.get_threshold()
