@@ -18,8 +18,9 @@ _CONSOLE_SCRIPT = Path(sys.executable).parent / "wsiuda"
 WSIUDA: list[str] = (
     [str(_CONSOLE_SCRIPT)]
     if _CONSOLE_SCRIPT.is_file()
-    # Installed with --target (no console script beside the interpreter): the same entry point.
-    else [sys.executable, "-c", "from wsiuda.cli.main import main; main()"]
+    # Installed with --target (no console script beside the interpreter): the same entry point. -P keeps the
+    # repository's wsiuda/ folder, in the working directory, from shadowing the installed package.
+    else [sys.executable, "-P", "-c", "from wsiuda.cli.main import main; main()"]
 )
 """The `wsiuda` command, as benchmarks run it."""
 

@@ -35,6 +35,8 @@ round by round, and each keeps its fastest: on a shared machine the fastest run 
    and with the setting `wsiuda segment` gives its processes (wsiuda.allocator), each in a process of its
    own. This process runs with that setting, so model only and the per-tile figures run as in the pipeline;
    the plain loops run with the default, as a user's script would.
+9. Garbage collector (CMU-1 and the 100-tile slide): `wsiuda segment` end to end with Python's default
+   collector thresholds, against the command as it is (wsiuda.allocator), alternating with the other runs.
 Results go to benchmarks/results/segment_throughput.{json,md}.
 """
 
@@ -122,6 +124,16 @@ with open(sys.argv[5], "w") as handle:
     json.dump({"type": "FeatureCollection", "features": features}, handle)
 print(json.dumps({"seconds": time.perf_counter() - start, "tiles": len(windows), "nuclei": len(features)}))
 """
+
+
+# The `wsiuda` console script with Python's default garbage collector thresholds: all else as it is. -P: the
+# repository's own wsiuda/ folder, in the working directory, must not shadow the installed package.
+WSIUDA_DEFAULT_GC = [
+    sys.executable,
+    "-P",
+    "-c",
+    "from wsiuda.cli import main as script; script.collect_garbage_less_often = lambda: None; script.main()",
+]
 
 
 # One thread's int8 forward pass and default CRF per window, in a process of its own whose malloc is glibc's
@@ -247,10 +259,12 @@ def fastest_of(repeats: int, runs: dict[str, Callable[[], dict[str, Any]]]) -> d
     return fastest
 
 
-def end_to_end(slide: Path, model: Path, out: Path, *extra: str) -> dict[str, Any]:
+def end_to_end(
+    slide: Path, model: Path, out: Path, *extra: str, wsiuda: list[str] = WSIUDA
+) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
     command = [
-        *WSIUDA,
+        *wsiuda,
         "-q",
         "segment",
         str(slide),
@@ -686,6 +700,26 @@ def report(results: dict[str, Any]) -> str:
             "the setting; the plain loops run with the default, as a user's script would.",
             "",
         ]
+    gc_rows = [(name, slide) for name, slide in results["slides"].items() if "default_gc" in slide]
+    if gc_rows:
+        lines += [
+            "## Garbage collector",
+            "",
+            "`wsiuda segment` end to end as it is (Python's collector at thresholds 10000/10/10, "
+            "`wsiuda.allocator`) and with Python's defaults (700/10/10), all else the same, in the rounds "
+            "above; fastest run of each, every run in brackets.",
+            "",
+            "| slide | tiles | defaults, s | as it is, s | speed-up |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, slide in gc_rows:
+            plain, tuned = slide["default_gc"], slide["end_to_end"]
+            plain_runs, tuned_runs = (", ".join(map(str, r["all_s"])) for r in (plain, tuned))
+            lines.append(
+                f"| {name} | {tuned['tiles']} | {plain['wall_s']:.1f} ({plain_runs}) "
+                f"| {tuned['wall_s']:.1f} ({tuned_runs}) | {plain['wall_s'] / tuned['wall_s']:.2f}x |"
+            )
+        lines.append("")
     quality = results["crf_quality"]
     if "dice" in quality:
         lines += [
@@ -891,6 +925,10 @@ def main() -> None:
             compared["no_crf"] = partial(end_to_end, path, model, args.workdir / "e2e-nocrf", "--no-crf")
         if full_set:
             compared["baseline"] = partial(baseline, path, model, blocks, args.workdir, mode="plain")
+        if name.startswith("CMU-1") or name == dense:
+            compared["default_gc"] = partial(
+                end_to_end, path, model, args.workdir / "e2e-gc", wsiuda=WSIUDA_DEFAULT_GC
+            )
         entry.update(fastest_of(args.repeats, compared))
         if full_set:
             entry["no_crf_float32"] = end_to_end(
