@@ -20,9 +20,9 @@ A dense tile's outlines and GeoJSON make tens of thousands of small Python objec
 milliseconds. With Python's default thresholds the cyclic collector runs over a dozen times per tile, and
 every few hundred runs it walks every object that torch, Dask and the model hold.
 :func:`collect_garbage_less_often` raises the thresholds (:data:`GC_THRESHOLDS`); reference counting still
-frees those objects at once, and cycles are still collected, later. On the 100-tile generated slide of
-benchmarks/segment_throughput.py, `wsiuda segment` took 33.1 s against 35.0 s with the default thresholds
-(mean of 4 runs each, alternating, 2-core AMD EPYC).
+frees those objects at once, and cycles are still collected, later. On a 2-core AMD EPYC, `wsiuda segment`
+took 33.1 s against 34.0 s with Python's defaults on the 100-tile generated slide, and 7.9 against 8.0 s on
+CMU-1-Small-Region (fastest of 3 alternating runs each; benchmarks/results/segment_throughput.md).
 
 The console script applies both to its own process. The processes that `wsiuda segment` starts for itself
 get what they need: its CRF helpers the malloc setting, a local cluster's worker processes both. A library
