@@ -95,3 +95,16 @@ def test_a_polygon_that_rounding_to_the_grid_would_break_comes_out_valid() -> No
     assert snapped.area == pytest.approx(slit.area, abs=0.1)
     on_grid = shapely.get_coordinates(snapped) / GRID
     np.testing.assert_allclose(on_grid, np.round(on_grid), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_centroid_and_mean_probability_are_those_of_the_nucleus_pixels(dtype: type) -> None:
+    labels = disk_labels((60, 70), [(20, 25, 9), (38, 47, 12)])
+    labels[36:40, 30:34] = 2  # a bump: the centroid is no longer the disk's centre
+    probability = np.random.default_rng(3).random(labels.shape).astype(dtype)
+    shapes = nucleus_polygons(labels, np.array([2, 1]), probability=probability, origin=(100, 200), scale=0.5)
+    for nucleus_id, shape in zip((2, 1), shapes, strict=True):
+        ys, xs = np.nonzero(labels == nucleus_id)
+        np.testing.assert_allclose(shape.centroid, ((ys.mean() + 100.5) / 0.5, (xs.mean() + 200.5) / 0.5))
+        expected = probability[labels == nucleus_id].astype(np.float64).mean()
+        assert shape.measurements["Mean probability"] == pytest.approx(round(expected, 4), abs=1e-4)

@@ -59,6 +59,8 @@ def nucleus_polygons(
         raise ValueError(f"probability {probability.shape} does not match labels {labels.shape}")
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
+    if probability.dtype not in (np.float32, np.float64):  # OpenCV's masked mean refuses some (bool)
+        probability = probability.astype(np.float32)
     boxes = ndi.find_objects(labels)
     found: list[tuple[tuple[slice, slice], np.ndarray, shapely.Geometry]] = []
     for nucleus_id in np.asarray(ids, dtype=np.int64):
