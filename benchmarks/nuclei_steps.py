@@ -4,16 +4,20 @@
 
 Four 1456² windows of generated dense H&E (tests/synthetic.py, about 400 nuclei per 1024² core), the
 default model's int8 probabilities refined by the default CRF, as the pipeline has them. Each step of a
-tile's work after the CRF (pipelines/segment.py: _finish_block) is timed on one thread, with malloc set as
-`wsiuda segment` sets it (wsiuda.allocator), over the 4 tiles, and keeps its fastest of --repeats rounds.
-Two of the steps are also timed the way they ran before, to show what each change saved: the watershed
-over the whole tile at once, and GEOS's valid-output snapping of every outline to the 0.01 px grid.
+tile's work after the CRF (pipelines/segment.py: _finish_block) is timed on one thread, with malloc and the
+garbage collector set as `wsiuda segment` sets them (wsiuda.allocator), over the 4 tiles, and keeps its
+fastest of --repeats rounds.
+Four of the steps are also timed the way they ran before, to show what each change saved: the watershed
+over the whole tile at once, GEOS's valid-output snapping of every outline to the 0.01 px grid, the GeoJSON
+features with Python's default garbage collector thresholds, and the core's entropy in float64 over a copy
+of its tissue pixels.
 Results go to benchmarks/results/nuclei_steps.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import sys
@@ -77,14 +81,16 @@ def main() -> None:
     from skimage.segmentation import watershed
 
     from wsiuda import instances, polygons
-    from wsiuda.allocator import reuse_freed_memory
+    from wsiuda.allocator import collect_garbage_less_often, reuse_freed_memory
     from wsiuda.geometry import Region
     from wsiuda.io.geojson import dump_feature, feature_id, nucleus_feature
     from wsiuda.io.maskstore import MaskStore
     from wsiuda.overlay import draw_outlines
+    from wsiuda.pipelines.segment import binary_entropy
 
     cv2.setNumThreads(1)  # as each task of a segment worker runs
     reuse_freed_memory()  # as `wsiuda segment` sets its process's malloc
+    collect_garbage_less_often()  # and its garbage collector
     data = tiles(args.tiles)
     margin = (WINDOW - CORE) // 2
     core = Region(margin, margin, CORE, CORE)
@@ -134,6 +140,24 @@ def main() -> None:
             )
 
     rings = [np.asarray(s.polygon.exterior.coords) for tile in shapes for s in tile]
+    # The entropy is taken of the network's probability under the core; the refined one stands in for it
+    # (the same size and type), with a tissue mask that leaves out a tenth of the core.
+    tissue = np.ones((CORE, CORE), bool)
+    tissue[: CORE // 10] = False
+    entropy_inputs = [(probability, tissue) for probability in probabilities]
+
+    def with_default_gc(step: Callable[[], Any]) -> Any:
+        tuned = gc.get_threshold()
+        gc.set_threshold(700, 10, 10)  # Python's defaults
+        try:
+            return step()
+        finally:
+            gc.set_threshold(*tuned)
+
+    def entropy_float64(probability: np.ndarray) -> np.ndarray:
+        p = np.clip(np.asarray(probability, dtype=np.float64), 1e-7, 1 - 1e-7)
+        return np.asarray(-(p * np.log2(p) + (1 - p) * np.log2(1 - p)))
+
     thumbnail = np.full((512, 512, 3), 255, np.uint8)
     steps: dict[str, Callable[[], Any]] = {
         "label_nuclei (threshold, holes, split, small ones)": lambda: [
@@ -154,8 +178,18 @@ def main() -> None:
             shapely.set_precision(tile, polygons.GRID) for tile in outlines
         ],
         "GeoJSON features (nucleus_feature)": lambda: features_of(shapes),
+        "  with Python's default garbage collector thresholds (before)": lambda: with_default_gc(
+            lambda: features_of(shapes)
+        ),
         "dump_feature": lambda: [[dump_feature(f) for f in tile] for tile in features],
         "store write (probability, labels, features)": write_tiles,
+        "entropy of the core over its tissue (float32, now)": lambda: [
+            float(binary_entropy(p[core.as_slices()]).sum(dtype=np.float64, where=t))
+            for p, t in entropy_inputs
+        ],
+        "  in float64, over a copy of the tissue pixels (before)": lambda: [
+            float(entropy_float64(p[core.as_slices()][t]).sum()) for p, t in entropy_inputs
+        ],
         "overlay outlines (at the end of a run)": lambda: draw_outlines(thumbnail, rings, scale=0.1),
     }
     timed = fastest(args.repeats, steps)
