@@ -88,9 +88,9 @@ def _markers(foreground: np.ndarray, *, split_depth_px: float) -> tuple[np.ndarr
     distance = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
     # The exact distance is the root of a whole number of px². OpenCV rounds it differently (by about 1e-6)
     # with its thread count, enough to tip watershed ties; taking the root of that whole number again
-    # gives every thread count the same nuclei. In float32 with OpenCV's own arithmetic: 5x faster than
-    # numpy in float64, and the same whole numbers while distances stay under 500 px, where float64 too
-    # would inherit OpenCV's rounding.
+    # gives every thread count the same nuclei. In float32 with OpenCV's own arithmetic, faster than numpy
+    # in float64 and the same whole numbers while distances stay under 500 px (beyond that float64 too
+    # inherits OpenCV's rounding).
     distance = cv2.sqrt(np.rint(cv2.multiply(distance, distance)))
     # convertScaleAbs rounds to nearest and saturates at 255, as np.clip(np.rint(...)) would.
     levels = cv2.convertScaleAbs(distance, alpha=_LEVELS_PER_PX)
@@ -109,7 +109,8 @@ def _flood(surface: np.ndarray, markers: np.ndarray, foreground: np.ndarray) -> 
     alone: flooded together, pieces change each other's order of equal heights, and with it a few pixels
     where two nuclei meet.
     """
-    # Without OpenCV's statistics (4x the labelling's own cost): only the few pieces to flood need a box.
+    # Without OpenCV's statistics, which cost several times the labelling itself: only the few pieces to
+    # flood need a box.
     count, pieces = cv2.connectedComponents(foreground.astype(np.uint8), connectivity=4)
     marked = markers > 0
     stride = int(markers.max()) + 1
