@@ -4,9 +4,9 @@
 
 Four 1456² windows of generated dense H&E (tests/synthetic.py, about 400 nuclei per 1024² core), the
 default model's int8 probabilities refined by the default CRF, as the pipeline has them. Each step of a
-tile's work after the CRF (pipelines/segment.py: _finish_block) is timed on one thread, with malloc and the
-garbage collector set as `wsiuda segment` sets them (wsiuda.allocator), over the 4 tiles, and keeps its
-fastest of --repeats rounds.
+tile's work after the CRF (pipelines/segment/tasks.py: _finish_block) is timed on one thread, with malloc
+and the garbage collector set as `wsiuda segment` sets them (wsiuda.allocator), over the 4 tiles, and
+keeps its fastest of --repeats rounds.
 Four of the steps are also timed the way they ran before, to show what each change saved: the watershed
 over the whole tile at once, GEOS's valid-output snapping of every outline to the 0.01 px grid, the GeoJSON
 features with Python's default garbage collector thresholds, and the core's entropy in float64 over a copy

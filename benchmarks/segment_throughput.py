@@ -219,25 +219,22 @@ def make_section_slide(path: Path, side: int, *, section: int, patch: int = 2048
 def plan(slide: Path, model: Path, *, tile: int) -> tuple[Any, list[Any], dict[str, Any]]:
     """The blocks `wsiuda segment` plans for a slide (same code path), and its job description."""
     from wsiuda.crf import DEFAULT_CRF
-    from wsiuda.pipelines.segment import (
-        SegmentConfig,
-        _prepare,
-        _runner,
-        expand_inputs,
-        plan_outputs,
-        resolve_model,
-    )
+    from wsiuda.pipelines.segment import SegmentConfig, expand_inputs
+    from wsiuda.pipelines.segment.cluster import runner
+    from wsiuda.pipelines.segment.model import resolve_model
+    from wsiuda.pipelines.segment.outputs import plan_outputs
+    from wsiuda.pipelines.segment.slides import prepare_slide
 
     out = Path(os.environ.get("TMPDIR", "/tmp")) / "segment-bench-plan" / f"{slide.stem}.geojson"
     shutil.rmtree(out.parent, ignore_errors=True)
     config = SegmentConfig(
         inputs=(str(slide),), output=str(out), model=str(model), tile=tile, crf_params=DEFAULT_CRF
     )
-    with _runner(replace(config, scheduler="sync")) as run:
+    with runner(replace(config, scheduler="sync")) as run:
         _, network = resolve_model(config, run)
     sources = expand_inputs(config.inputs, backend=config.backend, slide_mpp=None)
     outputs, _ = plan_outputs(config, sources)
-    prepared = _prepare(sources[0], outputs[0], config, network, network.mpp)
+    prepared = prepare_slide(sources[0], outputs[0], config, network, network.mpp)
     blocks = [block for group, _ in prepared.batches for block in group]
     shutil.rmtree(out.parent, ignore_errors=True)
     return prepared.job, blocks, prepared.metadata

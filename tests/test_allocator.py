@@ -118,7 +118,8 @@ def test_local_cluster_workers_get_it_through_their_environment(monkeypatch, tmp
     import distributed
 
     from wsiuda.allocator import ENVIRONMENT
-    from wsiuda.pipelines import segment as pipeline
+    from wsiuda.pipelines.segment import SegmentConfig
+    from wsiuda.pipelines.segment.cluster import cluster_client
 
     seen: dict[str, str] = {}
 
@@ -132,8 +133,8 @@ def test_local_cluster_workers_get_it_through_their_environment(monkeypatch, tmp
         raise Stop
 
     monkeypatch.setattr(distributed, "LocalCluster", recording_cluster)
-    config = pipeline.SegmentConfig(inputs=("slide.svs",), output=str(tmp_path / "out"), workers=2)
-    with pytest.raises(Stop), pipeline._client(config):
+    config = SegmentConfig(inputs=("slide.svs",), output=str(tmp_path / "out"), workers=2)
+    with pytest.raises(Stop), cluster_client(config):
         pass
     assert {name: seen.get(name) for name in ENVIRONMENT} == ENVIRONMENT
 
@@ -142,10 +143,11 @@ def test_local_cluster_worker_processes_collect_garbage_less_often(tmp_path) -> 
     from distributed import Client
 
     from wsiuda.allocator import GC_THRESHOLDS
-    from wsiuda.pipelines import segment as pipeline
+    from wsiuda.pipelines.segment import SegmentConfig
+    from wsiuda.pipelines.segment.cluster import cluster_client
 
-    config = pipeline.SegmentConfig(inputs=("slide.svs",), output=str(tmp_path / "out"), workers=2)
-    with pipeline._client(config) as client:
+    config = SegmentConfig(inputs=("slide.svs",), output=str(tmp_path / "out"), workers=2)
+    with cluster_client(config) as client:
         assert isinstance(client, Client)
         seen = client.run(_gc_thresholds)
         here = os.getpid()

@@ -401,7 +401,7 @@ def test_crf_helpers_start_before_the_model_loads(
 ) -> None:
     """A lone local worker runs its tasks in this process: its CRF helpers start first, on the core that
     idles while the model loads; without the CRF none start."""
-    import wsiuda.pipelines.segment as pipeline
+    import wsiuda.pipelines.segment.driver as driver
     from wsiuda.errors import ModelError
 
     slide = write_slide(tmp_path / "s.tif", disk_image((256, 256), [(100, 100, 20)]), mpp=0.25, app_mag=40)
@@ -412,9 +412,9 @@ def test_crf_helpers_start_before_the_model_loads(
         calls.append(("resolve_model", 0))
         raise ModelError("stop before any tile")
 
-    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 2)  # two tasks side by side, a helper each
-    monkeypatch.setattr(pipeline, "start_helpers", lambda helpers: calls.append(("start_helpers", helpers)))
-    monkeypatch.setattr(pipeline, "resolve_model", resolve_model)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # two tasks side by side, a helper each
+    monkeypatch.setattr(driver, "start_helpers", lambda helpers: calls.append(("start_helpers", helpers)))
+    monkeypatch.setattr(driver, "resolve_model", resolve_model)
     config = SegmentConfig(
         inputs=(str(slide),), output=str(tmp_path / "n.geojson"), model=str(model), crf=crf, workers=1
     )

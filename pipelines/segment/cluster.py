@@ -1,0 +1,156 @@
+"""Where the tasks run: in this process, on a local Dask cluster sized to the machine, or on a given one."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from wsiuda.allocator import ENVIRONMENT as ALLOCATOR_ENVIRONMENT
+from wsiuda.errors import ConfigError, WsiudaError
+from wsiuda.pipelines.segment.config import SCHEDULER_SYNC, SegmentConfig
+
+Task = tuple[Any, ...]
+Runner = Callable[[Callable[..., Any], Iterable[tuple[Task, Any]]], Iterator[tuple[Any, Any]]]
+"""Runs ``fn(*args)`` for each (args, tag) and yields (tag, result or WsiudaError) as tasks finish."""
+
+
+@contextlib.contextmanager
+def runner(config: SegmentConfig) -> Iterator[Runner]:
+    """A :data:`Runner`: in this process (``sync``), or on a dask.distributed cluster."""
+    if config.scheduler == SCHEDULER_SYNC:
+
+        def run_here(fn: Callable[..., Any], tasks: Iterable[tuple[Task, Any]]) -> Iterator[tuple[Any, Any]]:
+            for arguments, tag in tasks:
+                try:
+                    yield tag, fn(*arguments)
+                except WsiudaError as error:
+                    yield tag, error
+
+        yield run_here
+        return
+
+    from distributed import as_completed
+
+    with cluster_client(config) as client:
+
+        def run_distributed(
+            fn: Callable[..., Any], tasks: Iterable[tuple[Task, Any]]
+        ) -> Iterator[tuple[Any, Any]]:
+            tags: dict[Any, Any] = {}
+            pending = as_completed()
+            for arguments, tag in tasks:  # submitted as they come: workers start before the last is made
+                future = client.submit(fn, *arguments, pure=False)
+                tags[future.key] = tag
+                pending.add(future)
+            for future in pending:
+                try:
+                    result = future.result()
+                except WsiudaError as error:
+                    result = error
+                tag = tags.pop(future.key)
+                future.release()
+                yield tag, result
+
+        yield run_distributed
+
+
+# What one worker holds at its peak: torch, the model, the windows of its tasks in the network (see
+# threads_per_worker) and its CRF helpers. Workers keep their peak (wsiuda.allocator): a lone 2-task worker
+# peaked at 1.35-1.52 GB with the CRF in int8 and 1.87 GB with --no-crf in float32
+# (benchmarks/results/segment_throughput.md).
+WORKER_MEMORY_BYTES = 2e9
+
+
+def local_workers(config: SegmentConfig) -> int:
+    """Worker processes of the local cluster: --workers, else one per 2 cores as far as memory allows."""
+    if config.workers:
+        return config.workers
+    import psutil
+
+    cores = os.cpu_count() or 1
+    by_memory = int(psutil.virtual_memory().available // WORKER_MEMORY_BYTES)
+    return max(1, min(cores // 2, by_memory))
+
+
+def threads_per_worker(config: SegmentConfig) -> int:
+    """Tasks a worker runs at once (0: in this process, one at a time).
+
+    A local worker runs one task per core it owns. In float32 only one of them is in the network at a
+    time, on all those cores; in int8 each task's forward pass runs on one thread, side by side (see
+    :func:`.model.forward_slots`). The other tasks read, run the CRF and trace nuclei on one thread each.
+    With a GPU the CPU steps overlap the network; on a CPU they share the cores with it. pydensecrf holds the
+    GIL while it runs, so such a worker runs its CRFs in a helper process (see crf_helper): in the
+    worker, a CRF would stall the other task's forward pass. Giving the network only the cores that busy
+    tasks leave free was no faster. A worker of an existing cluster keeps one task at a time, as its
+    threads are that cluster's to set.
+    """
+    if config.scheduler == SCHEDULER_SYNC:
+        return 0
+    if config.scheduler:
+        return 1
+    return max(1, (os.cpu_count() or 1) // local_workers(config))
+
+
+def tasks_run_here(config: SegmentConfig) -> bool:
+    """Whether the tiles are processed in this process: a local cluster of one worker runs in it."""
+    return config.scheduler == SCHEDULER_SYNC or (not config.scheduler and local_workers(config) == 1)
+
+
+def crf_helpers_per_worker(config: SegmentConfig) -> int:
+    """CRF helper processes per worker: one per task where a worker runs tasks side by side, else none."""
+    tasks = threads_per_worker(config)
+    return tasks if config.crf and tasks > 1 else 0
+
+
+@contextlib.contextmanager
+def cluster_client(config: SegmentConfig) -> Iterator[Any]:
+    """A dask.distributed client: of the cluster at ``config.scheduler``, or of a new local cluster."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    if config.scheduler:
+        try:
+            client = Client(config.scheduler, timeout=dask.config.get("distributed.comm.timeouts.connect"))
+        except (OSError, TimeoutError) as error:
+            raise ConfigError(
+                f"cannot reach the Dask scheduler at {config.scheduler} ({error}); check the address"
+            ) from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    workers = local_workers(config)
+    threads = threads_per_worker(config)
+    # torch in each worker gets the worker's share of the cores (it reads these when it starts).
+    environment = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    # Workers keep the memory they free for their next tiles (wsiuda.allocator), as the console script does.
+    environment.update(ALLOCATOR_ENVIRONMENT)
+    settings: dict[str, Any] = {
+        f"distributed.nanny.pre-spawn-environ.{name}": value for name, value in environment.items()
+    }
+    settings["distributed.worker.daemon"] = False  # so that a worker may start its CRF helper process
+    processes = workers > 1
+    if processes:  # a lone worker runs in this process, which is the caller's to set up
+        settings["distributed.worker.preload"] = ["wsiuda.pipelines.worker_setup"]
+    # The statistical profiler samples every thread's stack each 10 ms, for a dashboard that this cluster
+    # does not serve.
+    settings["distributed.worker.profile.enabled"] = False
+    with dask.config.set(settings):
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads,
+            # A lone worker runs in this process: no process to spawn, and torch and the model are loaded
+            # once. That saves seconds per run, a real share on a small slide.
+            processes=processes,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
+    try:
+        with Client(cluster) as client:
+            yield client
+    finally:
+        cluster.close()

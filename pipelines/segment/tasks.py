@@ -1,0 +1,230 @@
+"""What a worker does with a batch of blocks: read, network, CRF, nuclei, polygons, store write.
+
+Everything a task needs travels in a small picklable :class:`SlideJob`; the slide is opened by path and the
+model taken from the worker's own cache, so nothing unpicklable enters the graph.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from wsiuda.blocks import Block
+from wsiuda.crf import CrfParams
+from wsiuda.errors import ModelError
+from wsiuda.geometry import Region
+from wsiuda.io.geojson import dump_feature, feature_id, nucleus_feature
+from wsiuda.io.maskstore import MaskStore, label_dtype
+from wsiuda.pipelines.crf_helper import PendingCrf
+from wsiuda.pipelines.segment.model import Predictor, forward_slots
+from wsiuda.pipelines.segment.sources import SourceSpec, WindowReader
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    """Everything a worker needs to process blocks of one slide (small and picklable)."""
+
+    source: SourceSpec
+    key: str
+    """Names the slide in feature ids."""
+    scale: float
+    level0_mpp: float
+    working_mpp: float
+    shape: tuple[int, int]
+    level0_shape: tuple[int, int]
+    store: str
+    crf: CrfParams | None
+    threshold: float
+    min_area_px: int
+    split_depth_px: float
+    nucleus_reach_px: int
+    """How far an owned nucleus can reach past the core (the nucleus share of the halo)."""
+    crf_reach_px: int
+    threads: int = 0
+    """OpenCV threads per task (0: OpenCV's default); tasks sharing a machine compute on one thread each."""
+    crf_helpers: int = 0
+    """Helper processes that run the CRF (see crf_helper), one per task where tasks of one worker run side
+    by side; 0: the CRF runs in the task's thread."""
+    network_slots: int = 1
+    """Tasks of one worker that may be in the network at once."""
+
+    def work_boxes(self, block: Block) -> tuple[Region, Region]:
+        """(nuclei box, CRF box) of a block, in its window's frame.
+
+        Each step works on the smallest part of the window it needs: nuclei only where an owned nucleus
+        can be (the core grown by the nucleus reach), the CRF only that plus its reach. The outer margin
+        of the window served the network alone.
+        """
+        shape = block.window.shape
+        # +1: an edge to see where the box cuts a nucleus.
+        nuclei_box = block.core_in_window.grow(self.nucleus_reach_px + 1).clip(*shape)
+        if self.crf is None:
+            return nuclei_box, nuclei_box
+        return nuclei_box, nuclei_box.grow(self.crf_reach_px).clip(*shape)
+
+
+@dataclass(frozen=True)
+class TissueCrop:
+    """The part of the slide's tissue mask under one core; ``factor`` working px per mask px."""
+
+    mask: np.ndarray
+    y0: int
+    x0: int
+    factor: float
+
+    def in_core(self, core: Region) -> np.ndarray:
+        rows = np.clip(((core.y + np.arange(core.height)) // self.factor).astype(np.int64) - self.y0, 0, None)
+        cols = np.clip(((core.x + np.arange(core.width)) // self.factor).astype(np.int64) - self.x0, 0, None)
+        rows = np.minimum(rows, self.mask.shape[0] - 1)
+        cols = np.minimum(cols, self.mask.shape[1] - 1)
+        return np.asarray(self.mask[np.ix_(rows, cols)], dtype=bool)
+
+
+def process_blocks(
+    job: SlideJob, blocks: Sequence[Block], tissue: Sequence[TissueCrop | None], predictor: Predictor
+) -> int:
+    """Run a batch of blocks of one slide end to end and record them in the mask store; returns nuclei."""
+    if job.threads:
+        import cv2
+
+        cv2.setNumThreads(job.threads)
+    clock = time.perf_counter()
+    reader = WindowReader(job.source, job.scale)
+    try:
+        images = np.stack([reader.read(block.window) for block in blocks])
+    finally:
+        reader.close()
+    read_s = (time.perf_counter() - clock) / len(blocks)
+    with forward_slots(job.network_slots):
+        clock = time.perf_counter()
+        probabilities = np.asarray(predictor(images), dtype=np.float32)
+        predict_s = (time.perf_counter() - clock) / len(blocks)
+    if probabilities.shape != images.shape[:3]:
+        raise ModelError(f"the model returned {probabilities.shape} for images {images.shape[:3]}")
+    store = MaskStore.open(job.store)
+    total = 0
+    for block, image, probability, crop in zip(blocks, images, probabilities, tissue, strict=True):
+        stats = {"read_s": read_s, "predict_s": predict_s}
+        total += _finish_block(job, block, image, probability, crop, store, stats)
+    return total
+
+
+def _finish_block(
+    job: SlideJob,
+    block: Block,
+    image: np.ndarray,
+    probability: np.ndarray,
+    tissue: TissueCrop | None,
+    store: MaskStore,
+    stats: dict[str, float],
+) -> int:
+    """CRF, nuclei, ownership, polygons and the store write of one predicted block (on the boxes of
+    :meth:`SlideJob.work_boxes`)."""
+    window = block.window
+    core = block.core_in_window
+    nuclei_box, crf_box = job.work_boxes(block)
+    inner = _within(nuclei_box, crf_box)
+    clock = time.perf_counter()
+    crf = None
+    if job.crf is not None:
+        crf_slices = crf_box.as_slices()
+        crf = PendingCrf(image[crf_slices], probability[crf_slices], job.crf, helpers=job.crf_helpers)
+    # Imported here, not with this module, and once the CRF is in its helper: their libraries (scipy,
+    # scikit-image) then load while the first tiles are in the network and the CRF, not before the model
+    # can start, and not while a core idles.
+    from wsiuda.instances import centroids, label_nuclei, owned_nuclei
+    from wsiuda.polygons import nucleus_polygons
+
+    refined = crf.result()[inner.as_slices()] if crf is not None else probability[nuclei_box.as_slices()]
+    stats["crf_s"], clock = _lap(clock)
+
+    labels = label_nuclei(
+        refined, threshold=job.threshold, min_area_px=job.min_area_px, split_depth_px=job.split_depth_px
+    )
+    ids, points = centroids(labels)
+    core_in_labels = _within(core, nuclei_box)
+    owned, _ = owned_nuclei(labels, core_in_labels, ids=ids, points=points)
+    stats["instances_s"], clock = _lap(clock)
+
+    origin = (window.y + nuclei_box.y, window.x + nuclei_box.x)  # of the labels, in the working frame
+    shapes = nucleus_polygons(
+        labels,
+        owned,
+        probability=probability[nuclei_box.as_slices()],
+        origin=origin,
+        scale=job.scale,
+        level0_mpp=job.level0_mpp,
+        level0_shape=job.level0_shape,
+    )
+    features = [
+        dump_feature(
+            nucleus_feature(
+                shape.polygon,
+                feature_uuid=feature_id(job.key, *shape.centroid),
+                measurements=shape.measurements,
+            )
+        )
+        for shape in shapes
+    ]
+    stats["polygons_s"], clock = _lap(clock)
+
+    core_probability = probability[core.as_slices()]
+    on_tissue = tissue.in_core(block.core) if tissue is not None else np.ones(core.shape, bool)
+    stats["nuclei"] = len(features)
+    stats["entropy_sum"] = float(binary_entropy(core_probability).sum(dtype=np.float64, where=on_tissue))
+    stats["tissue_px"] = float(on_tissue.sum())
+    store.write_tile(
+        block.index,
+        block.core,
+        probability=refined[core_in_labels.as_slices()],
+        labels=_global_labels(labels, ids, points, origin, core_in_labels, job.shape),
+        features=features,
+        stats=stats,
+    )
+    return len(features)
+
+
+def _within(inner: Region, outer: Region) -> Region:
+    """``inner`` in the pixel frame of ``outer`` (both in one frame)."""
+    return Region(inner.y - outer.y, inner.x - outer.x, inner.height, inner.width)
+
+
+def _lap(start: float) -> tuple[float, float]:
+    now = time.perf_counter()
+    return now - start, now
+
+
+def _global_labels(
+    labels: np.ndarray,
+    ids: np.ndarray,
+    points: np.ndarray,
+    origin: tuple[int, int],
+    core: Region,
+    shape: tuple[int, int],
+) -> np.ndarray:
+    """The core's labels renumbered slide-wide: a nucleus's id is 1 + the working-grid index of its centroid.
+
+    ``origin`` places the labels in the working frame and ``core`` is given in the labels' frame. Every
+    block that sees a nucleus whole computes the same centroid, so a nucleus spanning cores keeps one id.
+    """
+    dtype = label_dtype(shape)
+    lookup = np.zeros(int(labels.max()) + 1, dtype=dtype)
+    if len(ids):
+        y = np.clip(np.floor(points[:, 0] + origin[0]), 0, shape[0] - 1).astype(np.uint64)
+        x = np.clip(np.floor(points[:, 1] + origin[1]), 0, shape[1] - 1).astype(np.uint64)
+        lookup[ids] = (y * np.uint64(shape[1]) + x + np.uint64(1)).astype(dtype)
+    return lookup[labels[core.as_slices()]]
+
+
+def binary_entropy(probability: np.ndarray) -> np.ndarray:
+    """Entropy in bits of a foreground probability: 0 where the network is sure, 1 at p = 0.5.
+
+    float32, as the network's probabilities are: twice as fast as float64 on a tile, and a tile's sum
+    (taken in float64) moves by about 1e-8 of itself.
+    """
+    p = np.clip(np.asarray(probability, dtype=np.float32), np.float32(1e-7), np.float32(1 - 1e-7))
+    q = 1 - p
+    return np.asarray(-(p * np.log2(p) + q * np.log2(q)))
