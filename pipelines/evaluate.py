@@ -22,7 +22,13 @@ import numpy as np
 from tqdm import tqdm
 
 from wsiuda._version import __version__
-from wsiuda.config import atomic_write_text, check_precision, config_to_dict, save_config
+from wsiuda.config import (
+    atomic_write_text,
+    check_precision,
+    config_to_dict,
+    prepare_output_folder,
+    save_config,
+)
 from wsiuda.crf import DEFAULT_CRF, CrfParams, dense_crf
 from wsiuda.data import (
     find_pairs,
@@ -224,10 +230,7 @@ def evaluate(
 
 def check_output(path: Path) -> None:
     """Fail before any work when the report cannot be written."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(f"cannot create {path.parent}: {error.strerror}") from None
+    prepare_output_folder(path.parent)
     if path.is_dir():
         raise OutputError(f"-o {path} is a folder; give the report a file name such as report.json")
 

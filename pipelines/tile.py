@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from wsiuda._version import __version__
-from wsiuda.config import config_to_dict, save_config
+from wsiuda.config import config_to_dict, prepare_output_folder, save_config
 from wsiuda.errors import ConfigError, OutputError, SlideError, WsiudaError
 from wsiuda.geometry import Region
 from wsiuda.io import SlideReader, open_slide
@@ -146,24 +146,6 @@ def collect_inputs(paths: Iterable[Path]) -> list[Path]:
 
 def store_path(out_dir: Path, source: Path) -> Path:
     return Path(out_dir) / f"{Path(source).stem}{STORE_SUFFIX}"
-
-
-def prepare_output_folder(out_dir: Path) -> None:
-    """Create ``out_dir`` and prove it writable with a real file (os.access is wrong for root and ACLs)."""
-    import tempfile
-
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"{out_dir}: exists and is not a folder; choose another with -o")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(dir=out_dir, prefix=".wsiuda-write-test-")
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as error:
-        raise OutputError(
-            f"{out_dir}: output folder is not writable ({error.strerror}); choose another with -o"
-        ) from error
 
 
 # -------------------------------------------------------------------------------------------- planning

@@ -90,6 +90,17 @@ def test_an_unwritable_output_is_one_line(tmp_path: Path, small_slide: Path, dar
     assert "a-file" in line and "-o" in line
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, which refuses new files")
+def test_a_folder_that_refuses_new_files_is_one_line_before_any_work(
+    small_slide: Path, dark_model: Path
+) -> None:
+    # /proc passes os.access for root, yet no file can be created in it: only a real file tells.
+    result = run(str(small_slide), "-o", "/proc/n.geojson", "-m", str(dark_model))
+    assert result.exit_code == 2, result.output
+    (line,) = error_lines(result.output)
+    assert "/proc" in line and "not writable" in line and "-o" in line
+
+
 def test_one_file_output_for_several_slides_is_refused(
     tmp_path: Path, small_slide: Path, dark_model: Path
 ) -> None:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import yaml
 
 from wsiuda._version import __version__
-from wsiuda.errors import ConfigError
+from wsiuda.errors import ConfigError, OutputError
 
 C = TypeVar("C")
 
@@ -64,27 +64,59 @@ def atomic_output(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on failure it is removed.
 
     Readers see either the old file or the whole new one, never half of it, and the file gets the
-    permissions a plain ``open()`` would give (mkstemp's 0600 would hide outputs from other users).
+    permissions a plain ``open()`` would give (mkstemp's 0600 would hide outputs from other users). Where
+    the folder refuses the temporary file or the rename, an :class:`~wsiuda.errors.OutputError` names
+    ``path``; what the caller's block raises passes through as it is.
     """
     path = Path(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise _unwritable(path, error) from None
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        try:
+            os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, path)
+        except OSError as error:
+            raise _unwritable(path, error) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (see :func:`atomic_output`)."""
+    """Write a text file atomically (see :func:`atomic_output`); a full disk is an OutputError too."""
     with atomic_output(Path(path)) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        try:
+            tmp.write_text(text, encoding="utf-8")
+        except OSError as error:
+            raise _unwritable(Path(path), error) from None
+
+
+def prepare_output_folder(folder: Path) -> None:
+    """Create ``folder`` and prove it writable with a real file: ``os.access`` is wrong for root, ACLs and
+    file systems that refuse new files (read-only mounts, /proc)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder} exists and is not a folder; choose another with -o")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".wsiuda-write-test-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise OutputError(
+            f"{folder}: output folder is not writable ({error.strerror}); choose another with -o"
+        ) from None
+
+
+def _unwritable(path: Path, error: OSError) -> OutputError:
+    return OutputError(f"cannot write {path}: {error.strerror}; free some space or choose another folder")
 
 
 def save_config(config: Any, path: Path, *, command: str) -> None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from wsiuda.config import prepare_output_folder
 from wsiuda.errors import ConfigError, OutputError
 from wsiuda.io.geojson import GEOJSON_SUFFIXES
 from wsiuda.pipelines.segment.config import SegmentConfig
@@ -49,14 +49,7 @@ def plan_outputs(config: SegmentConfig, sources: Sequence[SourceSpec]) -> tuple[
         folder = out
         if out.exists() and not out.is_dir():
             raise OutputError(f"{out} exists and is not a folder; pass a folder or a .geojson path as -o")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(
-            f"cannot create the output folder {folder}: {error.strerror}; choose another -o"
-        ) from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"output folder {folder} is not writable; choose another -o")
+    prepare_output_folder(folder)
     if config.single_file:
         prefix = output_prefix(out)
         return [_outputs(prefix, out)], prefix.with_name(prefix.name + ".segment.yaml")

@@ -21,7 +21,6 @@ import shapely
 from shapely.geometry import Polygon
 
 from wsiuda.config import atomic_output
-from wsiuda.errors import OutputError
 
 NUCLEUS_COLOR = (200, 0, 90)
 """The class colour QuPath shows for nuclei (RGB)."""
@@ -85,12 +84,7 @@ class GeoJsonWriter:
         self._output = contextlib.ExitStack()
 
     def __enter__(self) -> GeoJsonWriter:
-        try:
-            tmp = self._output.enter_context(atomic_output(self.path))
-        except OSError as error:
-            raise OutputError(
-                f"cannot write {self.path}: {error.strerror}; choose a writable folder"
-            ) from None
+        tmp = self._output.enter_context(atomic_output(self.path))
         raw = self._output.enter_context(open(tmp, "wb"))
         binary: io.BufferedWriter | gzip.GzipFile = raw
         if self.path.name.endswith(".gz"):

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from wsiuda._version import __version__
+from wsiuda.config import prepare_output_folder
 from wsiuda.errors import OutputError
 from wsiuda.geometry import Region
 from wsiuda.io.codecs import JpegCodec, register
@@ -116,8 +117,7 @@ class TileStore:
             shutil.rmtree(path)
         if not path.parent.is_dir():
             raise OutputError(f"{path.parent}: output folder does not exist")
-        if not os.access(path.parent, os.W_OK):
-            raise OutputError(f"{path.parent}: output folder is not writable; choose another with -o")
+        prepare_output_folder(path.parent)
         side = tile + 2 * halo
         attrs = {
             "format": STORE_FORMAT,

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from wsiuda._version import __version__
-from wsiuda.config import atomic_write_text, config_to_dict, save_config
+from wsiuda.config import atomic_write_text, config_to_dict, prepare_output_folder, save_config
 from wsiuda.data import (
     LabelledImage,
     LabelledSet,
@@ -179,10 +179,7 @@ def prepare_output(config: AdaptConfig) -> None:
         log.info("%s holds a run that never finished an epoch; starting it again", out)
     elif out.exists() and any(out.iterdir()):
         raise OutputError(f"{out} exists and is not empty; choose a new output folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(f"cannot create {out}: {error.strerror}") from None
+    prepare_output_folder(out)
 
 
 class DeterministicAlgorithms:
