@@ -50,3 +50,14 @@ def synthetic_slide_20x(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("slides") / "synthetic-20x.svs"
     image = synthetic_he((1024, 1280), seed=11, tissue=0.6)
     return write_pyramidal_tiff(path, image, mpp=0.5, app_mag=20, levels=2)
+
+
+needs_full_disk = pytest.mark.skipif(
+    not Path("/dev/full").exists(), reason="needs Linux's /dev/full, a file whose disk is always full"
+)
+
+
+def open_on_full_disk(name: object, mode: str) -> object:
+    """A stand-in for ``open`` in a module under test: the file it opens is /dev/full, where every write
+    that reaches the disk fails with ENOSPC."""
+    return open("/dev/full", mode)

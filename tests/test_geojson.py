@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import shapely
+from conftest import needs_full_disk, open_on_full_disk
 from shapely.geometry import Polygon, shape
 
 from wsiuda.errors import OutputError
@@ -92,6 +93,24 @@ def test_unwritable_folder_is_a_one_line_output_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(OutputError, match="cannot write"), GeoJsonWriter(blocker / "n.geojson"):
         pass
+
+
+@needs_full_disk
+@pytest.mark.parametrize("features", [3, 20_000])  # flushed at the end, or while writing
+def test_a_full_disk_is_a_one_line_output_error_and_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, features: int
+) -> None:
+    import wsiuda.io.geojson as geojson
+
+    path = tmp_path / "n.geojson"
+    monkeypatch.setattr(geojson, "open", open_on_full_disk, raising=False)  # the temporary file's open
+    with (
+        pytest.raises(OutputError, match=f"cannot write {path}: No space left on device"),
+        GeoJsonWriter(path) as writer,
+    ):
+        for i in range(features):
+            writer.write(feature(i))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_ids_are_uuids_deterministic_in_slide_and_position() -> None:

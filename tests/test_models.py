@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import needs_full_disk, open_on_full_disk
 
 from wsiuda.errors import ConfigError, ModelError
 from wsiuda.models import (
@@ -170,6 +171,22 @@ def test_model_file_round_trip(tmp_path: Path) -> None:
     images = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     np.testing.assert_array_equal(loaded.predict(images), Segmenter.from_network(net, meta).predict(images))
     assert not list(tmp_path.glob(".*.tmp")), "atomic write left a temporary file"
+
+
+@needs_full_disk
+def test_a_full_disk_while_saving_is_an_output_error_and_keeps_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wsiuda.models.files as files
+    from wsiuda.errors import OutputError
+
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"the previous model")
+    monkeypatch.setattr(files, "open", open_on_full_disk, raising=False)
+    with pytest.raises(OutputError, match=f"cannot write {path}: No space left on device"):
+        save_model(path, build_unet(width=4, depth=2), tiny_meta())
+    assert path.read_bytes() == b"the previous model"
+    assert list(tmp_path.iterdir()) == [path]
 
 
 class Payload:

@@ -71,6 +71,34 @@ def test_a_lone_bad_slide_is_one_line(tmp_path: Path, dark_model: Path) -> None:
     assert line.startswith("Error: ") and "broken.svs" in line
 
 
+def test_a_full_disk_is_one_line_and_a_rerun_resumes(
+    tmp_path: Path, small_slide: Path, dark_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import zarr
+
+    out = tmp_path / "n.geojson"
+    arguments = (str(small_slide), "-o", str(out), "-m", str(dark_model), "--no-crf", "--tile", "128")
+    with monkeypatch.context() as disk:
+
+        def full(self: object, *args: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        disk.setattr(zarr.Array, "__setitem__", full)  # every tile's write to the mask store
+        result = run(*arguments)
+    assert result.exit_code == 1, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("Error: ") and "Traceback" not in result.output
+    assert f"cannot write {tmp_path / 'n.mask.zarr'}: No space left on device" in line
+    assert "run the same command again" in line
+    assert not out.exists()
+
+    resumed = run(*arguments)  # space freed: the same command finishes the slide
+    assert resumed.exit_code == 0, resumed.output
+    assert len(load_features(out)) > 5
+
+
 def test_an_incompatible_model_file_is_one_line(tmp_path: Path, small_slide: Path) -> None:
     model = tmp_path / "model.pt"
     model.write_text("not a model")

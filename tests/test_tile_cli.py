@@ -125,6 +125,32 @@ def test_batch_reports_bad_slides_on_one_line_each_and_finishes_the_rest(
     assert not (tmp_path / "out" / "truncated.zarr").exists()
 
 
+def test_a_full_disk_fails_the_slide_with_its_fix_and_a_rerun_resumes(
+    synthetic_slide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import zarr
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as disk:
+
+        def full(self: object, *args: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        disk.setattr(zarr.Array, "__setitem__", full)  # every tile's write (zstd tiles go through zarr)
+        result = tile(synthetic_slide, "-o", out, *FAST)
+    assert result.exit_code == 2, result.output
+    (failed,) = [line for line in result.output.splitlines() if line.startswith("FAILED")]
+    assert f"cannot write {out / 'synthetic-40x.zarr'}: No space left on device" in failed
+    assert "run the same command again" in failed
+    assert "Traceback" not in result.output
+
+    resumed = tile(synthetic_slide, "-o", out, *FAST)
+    assert resumed.exit_code == 0, resumed.output
+    assert TileStore.open(out / "synthetic-40x.zarr").is_complete
+
+
 def test_output_that_is_not_a_store_is_left_alone(synthetic_slide: Path, tmp_path: Path) -> None:
     taken = tmp_path / "synthetic-40x.zarr"
     taken.mkdir()

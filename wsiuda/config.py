@@ -69,21 +69,17 @@ def atomic_output(path: Path) -> Iterator[Path]:
     ``path``; what the caller's block raises passes through as it is.
     """
     path = Path(path)
-    try:
+    with writing(path):
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as error:
-        raise _unwritable(path, error) from None
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
-        try:
+        with writing(path):
             os.chmod(tmp, 0o666 & ~umask)
             os.replace(tmp, path)
-        except OSError as error:
-            raise _unwritable(path, error) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -91,11 +87,27 @@ def atomic_output(path: Path) -> Iterator[Path]:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a text file atomically (see :func:`atomic_output`); a full disk is an OutputError too."""
-    with atomic_output(Path(path)) as tmp:
-        try:
-            tmp.write_text(text, encoding="utf-8")
-        except OSError as error:
-            raise _unwritable(Path(path), error) from None
+    with atomic_output(Path(path)) as tmp, writing(path):
+        tmp.write_text(text, encoding="utf-8")
+
+
+NEW_OUTPUT_FIX = "free some space or choose another folder"
+RESUME_FIX = "free some space, then run the same command again: it resumes where it stopped"
+
+
+@contextmanager
+def writing(path: Path, *, fix: str = NEW_OUTPUT_FIX) -> Iterator[None]:
+    """The block writes ``path``: an OSError in it (a full disk, a lost mount, a refusing folder) becomes
+    one :class:`~wsiuda.errors.OutputError` that names ``path`` and says ``fix``."""
+    try:
+        yield
+    except OSError as error:
+        raise write_error(path, error, fix=fix) from None
+
+
+def write_error(path: Path, error: OSError, *, fix: str = NEW_OUTPUT_FIX) -> OutputError:
+    """The :class:`~wsiuda.errors.OutputError` of an OSError met while writing ``path``."""
+    return OutputError(f"cannot write {path}: {error.strerror or error}; {fix}")
 
 
 def prepare_output_folder(folder: Path) -> None:
@@ -113,10 +125,6 @@ def prepare_output_folder(folder: Path) -> None:
         raise OutputError(
             f"{folder}: output folder is not writable ({error.strerror}); choose another with -o"
         ) from None
-
-
-def _unwritable(path: Path, error: OSError) -> OutputError:
-    return OutputError(f"cannot write {path}: {error.strerror}; free some space or choose another folder")
 
 
 def save_config(config: Any, path: Path, *, command: str) -> None:

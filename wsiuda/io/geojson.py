@@ -20,7 +20,7 @@ import numpy as np
 import shapely
 from shapely.geometry import Polygon
 
-from wsiuda.config import atomic_output
+from wsiuda.config import atomic_output, write_error, writing
 
 NUCLEUS_COLOR = (200, 0, 90)
 """The class colour QuPath shows for nuclei (RGB)."""
@@ -85,7 +85,8 @@ class GeoJsonWriter:
 
     def __enter__(self) -> GeoJsonWriter:
         tmp = self._output.enter_context(atomic_output(self.path))
-        raw = self._output.enter_context(open(tmp, "wb"))
+        with writing(self.path):
+            raw = self._output.enter_context(open(tmp, "wb"))
         binary: io.BufferedWriter | gzip.GzipFile = raw
         if self.path.name.endswith(".gz"):
             # mtime=0 and no name keep the bytes identical between runs that write the same features.
@@ -101,16 +102,20 @@ class GeoJsonWriter:
     def write_raw(self, line: str) -> None:
         if self._handle is None:
             raise RuntimeError("GeoJsonWriter used outside its context")
-        self._handle.write(line if self.count == 0 else ",\n" + line)
+        try:
+            self._handle.write(line if self.count == 0 else ",\n" + line)
+        except OSError as error:  # not `with writing(...)`: this runs once per nucleus
+            raise write_error(self.path, error) from None
         self.count += 1
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         assert self._handle is not None
         handle, self._handle = self._handle, None
         try:
-            if exc_type is None:
-                handle.write("\n]}\n")
-            handle.close()  # flushes the gzip stream; the file underneath stays open for the stack
+            with writing(self.path):
+                if exc_type is None:
+                    handle.write("\n]}\n")
+                handle.close()  # flushes the gzip stream; the file underneath stays open for the stack
         except BaseException as error:
             self._output.__exit__(type(error), error, error.__traceback__)
             raise

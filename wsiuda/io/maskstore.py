@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from wsiuda.config import RESUME_FIX, writing
 from wsiuda.errors import OutputError
 from wsiuda.geometry import Region
 
@@ -141,7 +142,8 @@ class MaskStore:
         return bool(self.metadata.get("complete", False))
 
     def update_metadata(self, **values: Any) -> None:
-        self.group.attrs["wsiuda"] = {**self.metadata, **values}
+        with writing(self.path, fix=RESUME_FIX):
+            self.group.attrs["wsiuda"] = {**self.metadata, **values}
 
     def mark_complete(self, **values: Any) -> None:
         """Set ``complete`` (call last, after every output of the slide is written)."""
@@ -179,15 +181,16 @@ class MaskStore:
         """Write one tile's core arrays, features and stats, then mark it done (in that order)."""
         slices = core.as_slices()
         prob = probability if probability.dtype == np.uint8 else to_uint8(probability)
-        self.probability[slices] = prob
-        self.labels[slices] = labels.astype(self.labels.dtype, copy=False)
         feature_array: zarr.Array = self.group["features"]  # type: ignore[assignment]
-        done: zarr.Array = self.group["done"]  # type: ignore[assignment]
-        # A tile without nuclei writes a newline: "" is the fill value, which zarr would not store.
-        feature_array[index] = "".join(line + "\n" for line in features) or "\n"
         stats_array: zarr.Array = self.group["stats"]  # type: ignore[assignment]
-        stats_array[index] = np.array([float(stats.get(name, 0.0)) for name in TILE_STATS])
-        done[index] = 1
+        done: zarr.Array = self.group["done"]  # type: ignore[assignment]
+        with writing(self.path, fix=RESUME_FIX):
+            self.probability[slices] = prob
+            self.labels[slices] = labels.astype(self.labels.dtype, copy=False)
+            # A tile without nuclei writes a newline: "" is the fill value, which zarr would not store.
+            feature_array[index] = "".join(line + "\n" for line in features) or "\n"
+            stats_array[index] = np.array([float(stats.get(name, 0.0)) for name in TILE_STATS])
+            done[index] = 1
 
     def tile_stats(self, done: np.ndarray | None = None) -> dict[str, float]:
         """Each of :data:`TILE_STATS` summed over the finished tiles (``done``: :meth:`done_tiles`, where

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from wsiuda._version import __version__
-from wsiuda.config import prepare_output_folder
+from wsiuda.config import RESUME_FIX, prepare_output_folder, writing
 from wsiuda.errors import OutputError
 from wsiuda.geometry import Region
 from wsiuda.io.codecs import JpegCodec, register
@@ -171,7 +171,8 @@ class TileStore:
         return dict(self._group.attrs["wsiuda"])
 
     def update_attrs(self, **values: Any) -> None:
-        self._group.attrs["wsiuda"] = {**self.attrs, **values}
+        with writing(self.path, fix=RESUME_FIX):
+            self._group.attrs["wsiuda"] = {**self.attrs, **values}
 
     @property
     def tile(self) -> int:
@@ -226,11 +227,16 @@ class TileStore:
             )
         if not 0 <= index < len(self):
             raise IndexError(f"tile {index} is outside this store's {len(self)} tiles")
-        if self._jpeg is None:
-            self._tiles[index] = pixels
-            return
+        with writing(self.path, fix=RESUME_FIX):
+            if self._jpeg is None:
+                self._tiles[index] = pixels
+            else:
+                self._write_jpeg_chunk(index, pixels)
+
+    def _write_jpeg_chunk(self, index: int, pixels: np.ndarray) -> None:
         # JPEG chunks are the codec's output alone, so they are written straight to their chunk file:
         # the same bytes zarr would write, without its per-write overhead (a quarter of a tile's CPU time).
+        assert self._jpeg is not None
         data = self._jpeg.encode_image(pixels)
         folder = self.path / "tiles"
         handle, temporary = tempfile.mkstemp(dir=folder, prefix=f"c.{index}.", suffix=".partial")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wsiuda.config import atomic_output
+from wsiuda.config import atomic_output, writing
 from wsiuda.errors import ModelError
 from wsiuda.models.meta import ModelMeta
 from wsiuda.models.unet import build_unet
@@ -33,8 +33,10 @@ def build_network(meta: ModelMeta) -> nn.Module:
 
 
 def atomic_torch_save(obj: dict[str, Any], path: Path) -> None:
-    with atomic_output(Path(path)) as tmp:
-        torch.save(obj, tmp)
+    # Saved through a file of ours, not by name: torch's own writer reports a full disk as an opaque
+    # RuntimeError, a Python file as the OSError it is, which `writing` names.
+    with atomic_output(Path(path)) as tmp, writing(path), open(tmp, "wb") as stream:
+        torch.save(obj, stream)
 
 
 def cpu_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:
