@@ -113,6 +113,26 @@ def test_a_full_disk_is_a_one_line_output_error_and_leaves_no_file(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_temporary_file_that_cannot_be_opened_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import wsiuda.io.geojson as geojson
+
+    def refuse(name: object, mode: str) -> None:
+        raise OSError(errno.EACCES, "Permission denied")
+
+    path = tmp_path / "n.geojson"
+    monkeypatch.setattr(geojson, "open", refuse, raising=False)
+    writer = GeoJsonWriter(path)
+    with pytest.raises(OutputError, match=f"cannot write {path}: Permission denied"):
+        writer.__enter__()
+    # Removed by the failed __enter__ itself, not later when the writer is garbage collected.
+    assert list(tmp_path.iterdir()) == []
+    del writer
+
+
 def test_ids_are_uuids_deterministic_in_slide_and_position() -> None:
     assert feature_id("a.svs", 1.0, 2.0) == feature_id("a.svs", 1.0, 2.0)
     assert feature_id("a.svs", 1.0, 2.0) != feature_id("b.svs", 1.0, 2.0)

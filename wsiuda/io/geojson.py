@@ -85,15 +85,20 @@ class GeoJsonWriter:
 
     def __enter__(self) -> GeoJsonWriter:
         tmp = self._output.enter_context(atomic_output(self.path))
-        with writing(self.path):
-            raw = self._output.enter_context(open(tmp, "wb"))
-        binary: io.BufferedWriter | gzip.GzipFile = raw
-        if self.path.name.endswith(".gz"):
-            # mtime=0 and no name keep the bytes identical between runs that write the same features.
-            # Level 1 writes nucleus GeoJSON about 4x faster than level 6 for about 25% more bytes.
-            binary = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="", compresslevel=1)
-        self._handle = io.TextIOWrapper(binary, encoding="utf-8", newline="\n")
-        self._handle.write('{"type":"FeatureCollection","features":[\n')
+        try:
+            with writing(self.path):
+                raw = self._output.enter_context(open(tmp, "wb"))
+                binary: io.BufferedWriter | gzip.GzipFile = raw
+                if self.path.name.endswith(".gz"):
+                    # mtime=0 and no name keep the bytes identical between runs with the same features.
+                    # Level 1 writes nucleus GeoJSON about 4x faster than level 6 for ~25% more bytes.
+                    binary = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="", compresslevel=1)
+                self._handle = io.TextIOWrapper(binary, encoding="utf-8", newline="\n")
+                self._handle.write('{"type":"FeatureCollection","features":[\n')
+        except BaseException as error:
+            # Python calls no __exit__ when __enter__ fails: the temporary file goes here.
+            self._output.__exit__(type(error), error, error.__traceback__)
+            raise
         return self
 
     def write(self, feature: Mapping[str, Any]) -> None:
