@@ -20,9 +20,10 @@ A dense tile's outlines and GeoJSON make tens of thousands of small Python objec
 milliseconds. With Python's default thresholds the cyclic collector runs over a dozen times per tile, and
 every few hundred runs it walks every object that torch, Dask and the model hold.
 :func:`collect_garbage_less_often` raises the thresholds (:data:`GC_THRESHOLDS`); reference counting still
-frees those objects at once, and cycles are still collected, later. On a 2-core AMD EPYC, `wsiuda segment`
-took 33.1 s against 34.0 s with Python's defaults on the 100-tile generated slide, and 7.9 against 8.0 s on
-CMU-1-Small-Region (fastest of 3 alternating runs each; benchmarks/results/segment_throughput.md).
+frees those objects at once, and cycles are still collected, later. On a 2-core AMD EPYC, a dense tile's
+GeoJSON features took 9.5 ms instead of 32.6 (benchmarks/results/nuclei_steps.md); end to end, on the
+100-tile generated slide and on CMU-1-Small-Region, the difference is within the machine's noise
+(benchmarks/results/segment_throughput.md).
 
 The console script applies both to its own process. The processes that `wsiuda segment` starts for itself
 get what they need: its CRF helpers the malloc setting, a local cluster's worker processes both. A library

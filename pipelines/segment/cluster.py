@@ -59,7 +59,7 @@ def runner(config: SegmentConfig) -> Iterator[Runner]:
 
 # What one worker holds at its peak: torch, the model, the windows of its tasks in the network (see
 # threads_per_worker) and its CRF helpers. Workers keep their peak (wsiuda.allocator): a lone 2-task worker
-# peaked at 1.35-1.52 GB with the CRF in int8 and 1.87 GB with --no-crf in float32
+# peaked at 1.44-1.63 GB with the CRF in int8 and up to 1.88 GB with --no-crf in float32
 # (benchmarks/results/segment_throughput.md).
 WORKER_MEMORY_BYTES = 2e9
 

@@ -10,8 +10,8 @@ from wsiuda.io.slide import SlideReader, is_plain_image
 
 log = logging.getLogger(__name__)
 
-# "auto": TIFF-based slides through tiffslide (its tile-by-tile JPEG path is 2-3x cheaper per read than
-# libopenslide on 2 cores, benchmarks/results/tile_throughput.md, with identical pixels), the rest through
+# "auto": TIFF-based slides through tiffslide (its tile-by-tile JPEG path costs about a third of
+# libopenslide's CPU per tile, benchmarks/results/tile_throughput.md, with identical pixels), the rest through
 # OpenSlide, which also reads DICOM, MRXS, VMS and the TIFFs tiffslide cannot open.
 BACKENDS = ("auto", "openslide", "tiffslide")
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")

@@ -100,9 +100,8 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
 
     In eval mode BatchNorm is an affine map per channel, so it folds exactly into the convolution before it
     (up to float rounding). Besides skipping a pass over every activation, this avoids eager BatchNorm's
-    slow channels_last path on the CPU: the default U-Net's forward pass runs about 1.7x faster
-    (benchmarks/results/segment_throughput.md). ``module`` itself is left untouched, and is returned as it
-    is when it holds no such pair.
+    slow channels_last path on the CPU. ``module`` itself is left untouched, and is returned as it is when
+    it holds no such pair.
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 

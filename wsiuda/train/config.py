@@ -60,9 +60,8 @@ PRESET_DEFAULTS: dict[str, Any] = {"lr_d": 1e-3, "d_betas": (0.9, 0.999), "cbst_
 
 DEFAULT_WIDTH = 8
 """U-Net base width. One forward and backward pass of a batch of 8 patches of 256² took 0.21 s at width 8,
-0.45 s at 16 and 1.5 s at 32 on a 2-core EPYC with AVX-512 (benchmarks/results/train_speed.md), and about
-0.7, 2.1 and 11 s on an earlier 2-core CPU with AVX2; 8 keeps a run of `ours` (three passes of S per
-iteration) near a second per iteration. Use 16 or 32 on a GPU."""
+0.45 s at 16 and 1.5 s at 32 on a 2-core EPYC with AVX-512 (benchmarks/results/train_speed.md); 8 keeps a
+run of `ours` (three passes of S per iteration) near a second per iteration. Use 16 or 32 on a GPU."""
 
 
 @dataclass(frozen=True)
