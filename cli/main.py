@@ -27,6 +27,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "Score a model on a labelled images/ + masks/ folder."),
 }
 
+# What a command interrupted with Ctrl-C keeps, and how to go on from there.
+ON_INTERRUPT: dict[str, str] = {
+    "tile": "finished tiles are kept: run the same command again to go on",
+    "segment": "finished tiles are kept: run the same command again to go on",
+    "adapt": "the last finished epoch is kept: go on with `wsiuda adapt --resume RUN_FOLDER`",
+    "train": "the last finished epoch is kept: go on with `wsiuda train --resume RUN_FOLDER`",
+    "evaluate": "no report was written",
+}
+INTERRUPTED_EXIT_CODE = 130
+"""128 + SIGINT, as shells report a command that Ctrl-C stopped."""
+
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -51,6 +62,10 @@ class LazyGroup(click.Group):
             # A user's mistake: one line, no traceback.
             click.echo(f"Error: {error}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            hint = ON_INTERRUPT.get(ctx.invoked_subcommand or "")
+            click.echo(f"Interrupted; {hint}." if hint else "Interrupted.", err=True)
+            sys.exit(INTERRUPTED_EXIT_CODE)
 
 
 class _Formatter(logging.Formatter):

@@ -29,6 +29,7 @@ import numpy as np
 
 from wsiuda.allocator import reuse_freed_memory
 from wsiuda.crf import CrfParams, crf_on_grid, dense_crf, from_crf_grid, to_crf_grid
+from wsiuda.pipelines.worker_setup import leave_interrupts_to_the_parent
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,11 @@ def start_helpers(helpers: int) -> None:
             helper.submit(_load_crf_library)  # each submit starts a helper while none is idle
 
 
+def _start_helper() -> None:
+    reuse_freed_memory()
+    leave_interrupts_to_the_parent()
+
+
 def _load_crf_library() -> None:
     import pydensecrf.densecrf  # noqa: F401
 
@@ -125,6 +131,6 @@ def _helper(helpers: int) -> ProcessPoolExecutor | None:
             _HELPER = ProcessPoolExecutor(
                 max_workers=max(1, helpers),
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=reuse_freed_memory,
+                initializer=_start_helper,
             )
         return _HELPER

@@ -325,13 +325,15 @@ def _runs(sizes: list[int]) -> list[slice]:
 
 
 def _warm_worker() -> None:
-    """Worker initialiser: pay the imports while the parent is still planning, and keep OpenCV to one
-    thread per worker (the workers already fill the cores)."""
+    """Worker initialiser: pay the imports while the parent is still planning, keep OpenCV to one
+    thread per worker (the workers already fill the cores) and leave Ctrl-C to the parent."""
     import cv2
 
     import wsiuda.pipelines.tile  # noqa: F401
+    from wsiuda.pipelines.worker_setup import leave_interrupts_to_the_parent
 
     cv2.setNumThreads(1)
+    leave_interrupts_to_the_parent()
 
 
 def start_pool(workers: int) -> Executor | None:

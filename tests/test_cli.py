@@ -66,3 +66,22 @@ def test_every_command_module_loads_and_has_help() -> None:
         result = CliRunner().invoke(cli, [name, "--help"])
         assert result.exit_code == 0, f"{name}: {result.output}"
         assert "Usage" in result.output
+
+
+def test_ctrl_c_says_what_is_kept_and_how_to_go_on(monkeypatch, tmp_path: Path) -> None:
+    import wsiuda.pipelines.segment as pipeline
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "segment", interrupted)
+    result = CliRunner().invoke(cli, ["segment", "slide.svs", "-o", str(tmp_path / "n.geojson")])
+    assert result.exit_code == 130
+    expected = "Interrupted; finished tiles are kept: run the same command again to go on."
+    assert result.output.strip() == expected
+
+
+def test_every_command_says_what_an_interruption_keeps() -> None:
+    from wsiuda.cli.main import ON_INTERRUPT
+
+    assert set(ON_INTERRUPT) == set(COMMANDS)

@@ -1,0 +1,112 @@
+"""Ctrl-C: one line that says what is kept and how to go on, from the command and from none of the worker
+processes it started; a rerun then finishes the slide."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_segment import save_dark_model, write_slide
+
+from wsiuda.cli.main import INTERRUPTED_EXIT_CODE
+
+SCRIPT = Path(sys.executable).parent / "wsiuda"
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from synthetic import synthetic_he
+
+    # 3 x 3 tiles of 512 px: a run long enough to be interrupted between its first tile and its last.
+    image = synthetic_he((1536, 1536), seed=11)
+    return write_slide(tmp_path_factory.mktemp("slides") / "slide.svs", image, mpp=0.25, app_mag=40)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_dark_model(tmp_path_factory.mktemp("models") / "dark.pt")
+
+
+def _interrupt_after_first_tile(command: list[str], store: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` in a process group of its own and send SIGINT to the whole group, as a terminal's
+    Ctrl-C does, once the mask store has its first finished tile."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    done = store / "done" / "c"
+    deadline = time.monotonic() + 120
+    while not (done.is_dir() and any(done.rglob("*"))):
+        if process.poll() is not None or time.monotonic() > deadline:
+            output, _ = process.communicate()
+            pytest.fail(f"the run ended or stalled before its first tile:\n{output}")
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(command, process.returncode, output)
+
+
+@pytest.mark.parametrize(
+    "workers",
+    [
+        pytest.param(1, id="in-process with CRF helpers"),
+        pytest.param(2, id="worker processes", marks=pytest.mark.slow),
+    ],
+)
+def test_ctrl_c_during_segment_is_one_line_and_a_rerun_finishes(
+    tmp_path: Path, slide: Path, model: Path, workers: int
+) -> None:
+    out = tmp_path / "n.geojson"
+    command = [str(SCRIPT), "segment", str(slide), "-o", str(out), "-m", str(model), "--tile", "512"]
+    command += ["--workers", str(workers)]
+    interrupted = _interrupt_after_first_tile(command, tmp_path / "n.mask.zarr")
+    if interrupted.returncode == 0:
+        pytest.skip("the run finished before the interrupt reached it")
+    assert interrupted.returncode == INTERRUPTED_EXIT_CODE, interrupted.stdout
+    assert interrupted.stdout.strip().splitlines() == [
+        "Interrupted; finished tiles are kept: run the same command again to go on."
+    ]
+    assert not out.exists()
+
+    rerun = subprocess.run(command, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming" in rerun.stderr and out.exists()
+
+
+def test_crf_helpers_leave_ctrl_c_to_the_worker() -> None:
+    from wsiuda.pipelines import crf_helper
+
+    try:
+        helper = crf_helper._helper(1)
+        assert helper is not None
+        disposition = helper.submit(signal.getsignal, signal.SIGINT).result()
+    finally:
+        crf_helper.shutdown_helper()
+    assert disposition == signal.SIG_IGN
+
+
+def test_tile_worker_processes_leave_ctrl_c_to_the_command() -> None:
+    from wsiuda.pipelines.tile import start_pool
+
+    pool = start_pool(2)
+    assert pool is not None
+    try:
+        dispositions = {pool.submit(signal.getsignal, signal.SIGINT).result() for _ in range(4)}
+    finally:
+        pool.shutdown()
+    assert dispositions == {signal.SIG_IGN}
+
+
+def test_local_cluster_worker_processes_leave_ctrl_c_to_the_command(tmp_path: Path) -> None:
+    from wsiuda.pipelines.segment import SegmentConfig
+    from wsiuda.pipelines.segment.cluster import cluster_client
+
+    config = SegmentConfig(inputs=("slide.svs",), output=str(tmp_path / "out"), workers=2)
+    with cluster_client(config) as client:
+        dispositions = client.run(signal.getsignal, signal.SIGINT)
+    assert len(dispositions) == 2
+    assert set(dispositions.values()) == {signal.SIG_IGN}
