@@ -25,14 +25,23 @@ WSIUDA: list[str] = (
 """The `wsiuda` command, as benchmarks run it."""
 
 
+# The vector instructions that decide how fast int8 and float32 convolutions run, as /proc/cpuinfo names them.
+VECTOR_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI", "amx_int8": "AMX-INT8"}
+
+
 def cpu_model() -> str:
+    """The CPU's model name and its vector instructions (a virtual machine's model name may say little)."""
+    name, flags = platform.processor() or "unknown", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    vector = [label for flag, label in VECTOR_FLAGS.items() if flag in flags]
+    return f"{name} with {', '.join(vector)}" if vector else name
 
 
 def hardware() -> dict[str, Any]:

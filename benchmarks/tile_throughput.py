@@ -1,6 +1,6 @@
 """Throughput, memory and codec figures of `wsiuda tile`, side by side with a plain tiffslide loop.
 
-    nice .venv/bin/python benchmarks/tile_throughput.py            # full run (~25 min on 2 cores)
+    nice .venv/bin/python benchmarks/tile_throughput.py            # full run (roughly 25 min on 2 cores)
     nice .venv/bin/python benchmarks/tile_throughput.py --quick    # small slides, a smoke test
 
 What it does, all in one run so the ratios share the machine's state:

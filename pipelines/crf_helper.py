@@ -3,13 +3,14 @@
 pydensecrf holds the GIL for the whole of its inference. In a worker that runs one task in the network and
 another in the CRF at the same time, that stops the network's Python code, and with it the forward pass,
 for as long as the CRF runs: on two cores a tile's forward pass took 135 s beside a CRF loop against 3.7 s
-alone. A helper process has a GIL of its own. It imports only numpy, OpenCV and pydensecrf (no torch, no
-model), so it costs tens of MB. A tile's crop travels to it and back through a pipe on the CRF's own
-(coarser) grid.
+alone (timed by hand). A helper process has a GIL of its own. It imports only numpy, OpenCV and pydensecrf
+(no torch, no model), so it costs tens of MB. A tile's crop travels to it and back through a pipe on the
+CRF's own (coarser) grid.
 
 Each worker process starts its helpers the first time it needs them and keeps them: one per task that
 runs at once, so that two tasks reaching the CRF together do not queue for one helper while a core idles
-(CMU-1-Small-Region end to end on 2 cores: 49.1 and 49.3 s with two helpers, 51.6 and 51.2 s with one).
+(timed by hand on CMU-1-Small-Region end to end, 2 cores, when a run took about 50 s: 49.1 and 49.3 s with
+two helpers, 51.6 and 51.2 s with one).
 :func:`start_helpers` starts them ahead: the segment pipeline does so where its tasks run in its own
 process, while torch is imported and the model loaded on one core and the other idles, and
 benchmarks/segment_throughput.py does so to keep the helpers' start out of its clock.
@@ -65,7 +66,8 @@ class PendingCrf:
             try:
                 if params.uncertain_margin is None:
                     # The helper gets and returns the CRF's own coarser grid (a sixth of the bytes by
-                    # default): pickling whole crops through the pipe cost a tile ~60 ms of CPU.
+                    # default): pickling whole crops through the pipe cost a tile ~60 ms of CPU (timed by
+                    # hand).
                     coarse = to_crf_grid(image, probability, params)
                     self._future = helper.submit(crf_on_grid, *coarse, params)
                 else:

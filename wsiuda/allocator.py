@@ -5,9 +5,8 @@ A tile's forward pass allocates and frees dozens of arrays of tens of MB, and th
 a few more. glibc serves each of them with fresh pages from the kernel: it maps arrays above its mmap
 threshold on their own and unmaps them when freed, and a thread's own arena gives back the heap it no
 longer uses. Every pass then pays a page fault for each 4 KiB it touches. On a 2-core AMD EPYC that was
-150 thousand faults and over a third of a 1456² window's int8 forward pass (505 ms against 320 ms with
-freed memory kept), and a quarter of `wsiuda segment`'s CPU time on CMU-1-Small-Region (5.9 s of system
-time in a 12 s run).
+141 thousand faults and 40% of a 1456² window's int8 forward pass (534 ms against 321 ms with freed
+memory kept; benchmarks/results/segment_throughput.md).
 
 :func:`reuse_freed_memory` makes glibc keep what is freed, in one heap shared by all threads, and serve
 the next arrays from it: one arena (threads' arenas hand memory back as soon as a heap empties), no

@@ -10,10 +10,10 @@ keeps the same physical reach. pydensecrf runs the appearance kernel; the smooth
 Gaussian of the positions, runs as an OpenCV Gaussian filter between its mean-field steps (see ``_crf``).
 Two faster modes trade a little agreement for speed: ``downsample`` runs the CRF on a coarser grid (kernel
 widths scaled to keep the same physical reach) and ``uncertain_margin`` runs it only on blocks that hold
-pixels whose probability is within the margin of 0.5, keeping the network's probability elsewhere. On
-dense tissue nearly every block holds such pixels and each block is read with the kernel reach around it,
-so that mode is slower than the full CRF there; it pays only on sparse tissue
-(benchmarks/results/segment_throughput.md). ``wsiuda segment`` and ``wsiuda evaluate`` run
+pixels whose probability is within the margin of 0.5, keeping the network's probability elsewhere. Each
+block is read with the kernel reach around it, and on tissue nearly every block holds such pixels: on
+every slide of benchmarks/results/segment_throughput.md, the tissue islands included, that mode was
+slower than the full CRF. ``wsiuda segment`` and ``wsiuda evaluate`` run
 :data:`DEFAULT_CRF`.
 """
 
@@ -180,9 +180,9 @@ def _crf(
     # pydensecrf runs the appearance kernel on its permutohedral lattice. The smoothness kernel is a plain
     # Gaussian of the positions, so it is applied here as an exact Gaussian filter between pydensecrf's
     # mean-field steps, folded into the unary of the next step: a lattice for it took about a fifth of a
-    # tile's CRF to build and filtered more slowly than OpenCV. Its message is pydensecrf's for that kernel
-    # (normalised, self included, Potts: w2 times the filtered marginals of the same label) without the
-    # lattice's approximation (tests/test_crf.py compares the two).
+    # tile's CRF to build (timed by hand) and filtered more slowly than OpenCV. Its message is pydensecrf's
+    # for that kernel (normalised, self included, Potts: w2 times the filtered marginals of the same label)
+    # without the lattice's approximation (tests/test_crf.py compares the two).
     crf = dcrf.DenseCRF2D(width, height, 2)
     crf.addPairwiseBilateral(
         sxy=params.theta_alpha * spatial_scale,

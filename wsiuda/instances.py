@@ -17,7 +17,7 @@ from wsiuda.blocks import is_responsible
 from wsiuda.geometry import Region
 
 # The distance transform is quantised to this many levels per pixel so that the h-maxima reconstruction
-# runs on uint8 with OpenCV (20x faster than on floats); distances saturate at 255 / levels px.
+# runs on uint8 with OpenCV (20x faster than on floats, timed by hand); distances saturate at 255 / levels px.
 _LEVELS_PER_PX = 2
 _KERNEL = np.ones((3, 3), np.uint8)
 
@@ -50,7 +50,7 @@ def label_nuclei(
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """``scipy.ndimage.binary_fill_holes`` with its default structure, 3x faster.
+    """``scipy.ndimage.binary_fill_holes`` with its default structure, 3x faster (timed by hand).
 
     A hole is a background region, 4-connected as scipy's default has it, that does not reach the array's
     edge. scipy finds them by dilating from the edge one pixel per pass.

@@ -39,7 +39,8 @@ def feature_id(slide_key: str, y: float, x: float) -> str:
 def polygon_coordinates(polygon: Polygon) -> list[list[list[float]]]:
     """GeoJSON rings of a polygon: closed lists of [x, y] to 0.01 px, exterior first."""
     rings = [polygon.exterior, *polygon.interiors]
-    # Rounded as arrays: Python's round() on each of a nucleus's tens of vertices took twice as long.
+    # Rounded as arrays: Python's round() on each of a nucleus's tens of vertices took twice as long
+    # (timed by hand).
     return [np.round(shapely.get_coordinates(ring), 2).tolist() for ring in rings]
 
 
@@ -91,7 +92,8 @@ class GeoJsonWriter:
                 binary: io.BufferedWriter | gzip.GzipFile = raw
                 if self.path.name.endswith(".gz"):
                     # mtime=0 and no name keep the bytes identical between runs with the same features.
-                    # Level 1 writes nucleus GeoJSON about 4x faster than level 6 for ~25% more bytes.
+                    # Level 1 writes nucleus GeoJSON about 4x faster than level 6 for ~25% more bytes
+                    # (timed by hand).
                     binary = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="", compresslevel=1)
                 self._handle = io.TextIOWrapper(binary, encoding="utf-8", newline="\n")
                 self._handle.write('{"type":"FeatureCollection","features":[\n')
