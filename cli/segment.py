@@ -51,7 +51,7 @@ log = logging.getLogger("wsiuda.cli.segment")
 )
 @slide_mpp_option()
 @backend_option()
-@tile_option(default=1024)
+@tile_option(default=1024, minimum=64)  # SegmentConfig's minimum (a test checks they agree)
 @min_tissue_option(default=0.05)
 @click.option(
     "--batch-size",

@@ -309,3 +309,15 @@ def test_cmu1_segments_end_to_end_on_a_local_cluster(shared: Path, tmp_path: Pat
     assert summary["crf"] is True and summary["timings_s"]["crf"] > 0
     assert summary["slide"]["mpp"] == pytest.approx(0.499, abs=1e-3)
     assert os.path.getsize(tmp_path / "cmu1.overlay.png") > 10_000
+
+
+def test_the_smallest_tile_is_the_same_for_the_command_and_the_config(tmp_path: Path) -> None:
+    from wsiuda.errors import ConfigError
+    from wsiuda.pipelines.segment import SegmentConfig
+
+    output = str(tmp_path / "n.geojson")
+    refused = run("slide.svs", "-o", output, "--tile", "63")
+    assert refused.exit_code == 2 and "x>=64" in refused.output
+    with pytest.raises(ConfigError, match="at least 64"):
+        SegmentConfig(inputs=("slide.svs",), output=output, tile=63)
+    assert SegmentConfig(inputs=("slide.svs",), output=output, tile=64).tile == 64
