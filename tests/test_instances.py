@@ -128,3 +128,30 @@ def test_a_cluster_is_split_the_same_whatever_else_its_window_holds() -> None:
         # The same partition of the cluster's pixels, whatever the numbering.
         pairs = np.unique(np.stack([labels[inside], alone[inside]]), axis=1)
         assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1], f"cluster {piece}"
+
+
+def test_the_flood_equals_scikit_image_watershed_piece_by_piece() -> None:
+    # _flood calls scikit-image's compiled flood directly; each piece must come out as the public
+    # watershed gives it, pieces cut by the array's edge included.
+    from skimage.segmentation import watershed
+    from synthetic import synthetic_he
+
+    from wsiuda import instances
+
+    assert instances._watershed_raveled is not None, "scikit-image's compiled flood moved"
+    image = synthetic_he((500, 700), seed=3)
+    probability = np.clip((150.0 - image.mean(axis=-1)) / 40.0 + 0.5, 0.0, 1.0).astype(np.float32)
+    for cut in (np.s_[:, :], np.s_[7:, 13:], np.s_[:-5, :-9]):
+        foreground = fill_holes(probability[cut] > 0.5)
+        distance, markers = instances._markers(foreground, split_depth_px=2.0)
+        flooded = instances._flood(-distance, markers, foreground)
+        _, pieces = cv2.connectedComponents(foreground.astype(np.uint8), connectivity=4)
+        split = 0
+        for piece, box in enumerate(ndi.find_objects(pieces), start=1):
+            inside = pieces[box] == piece
+            if len(np.unique(markers[box][inside & (markers[box] > 0)])) < 2:
+                continue
+            split += 1
+            expected = watershed(-distance[box], np.where(inside, markers[box], 0), mask=inside)
+            np.testing.assert_array_equal(flooded[box][inside], expected[inside])
+        assert split >= 5, "the scene should hold pieces with several markers"
