@@ -162,3 +162,20 @@ def test_memory_does_not_grow_with_the_number_of_features(tmp_path: Path) -> Non
 
     small, large = peak(1_000), peak(20_000)
     assert large < small + 256 * 1024, (small, large)
+
+
+def test_the_exterior_ring_of_a_serialised_feature_is_its_first_ring() -> None:
+    import numpy as np
+
+    from wsiuda.io.geojson import dump_feature, exterior_ring
+
+    with_hole = Polygon(
+        [(0.25, 1.5), (40, 0.75), (40.01, 30), (0, 30)], holes=[[(10, 10), (20, 10), (20, 20), (10, 20)]]
+    )
+    for polygon in (SQUARE, with_hole):
+        line = dump_feature(nucleus_feature(polygon, feature_uuid="a", measurements={"Area µm^2": 1.0}))
+        expected = np.asarray(json.loads(line)["geometry"]["coordinates"][0])
+        np.testing.assert_array_equal(exterior_ring(line), expected)
+    # Another key order: parsed whole.
+    line = json.dumps({"geometry": {"coordinates": [[[1, 2], [3, 4], [5, 7], [1, 2]]], "type": "Polygon"}})
+    np.testing.assert_array_equal(exterior_ring(line), [[1, 2], [3, 4], [5, 7], [1, 2]])

@@ -249,3 +249,65 @@ def test_mask_store_sums_the_stats_of_finished_tiles_only(tmp_path: Path) -> Non
     only_first = np.zeros_like(done)
     only_first[0, 1] = True
     assert store.tile_stats(only_first)["nuclei"] == 3
+
+
+def test_chunks_written_as_files_read_back_as_zarr_writes_them(tmp_path: Path) -> None:
+    # Whole chunks go straight to their files; zarr must read them as the arrays zarr itself writes,
+    # edge chunks (filled past the array's edge) and strings included.
+    import zarr
+
+    from wsiuda.io.chunks import ChunkFiles
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "labels": (np.dtype("uint32"), (23, 37), (10, 16)),
+        "probability": (np.dtype("uint8"), (23, 37), (10, 16)),
+        "stats": (np.dtype("float64"), (3, 3, 4), (1, 1, 4)),
+    }
+    stores = {how: zarr.open_group(str(tmp_path / f"{how}.zarr"), mode="w") for how in ("files", "zarr")}
+    for name, (dtype, shape, chunks) in arrays.items():
+        values = rng.integers(0, 200, size=shape).astype(dtype)
+        for how, group in stores.items():
+            array = group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
+            writer = ChunkFiles(array, tmp_path / f"{how}.zarr")
+            for chunk in np.ndindex(*array.cdata_shape):
+                region = tuple(
+                    slice(i * size, min((i + 1) * size, extent))
+                    for i, size, extent in zip(chunk, chunks, shape, strict=True)
+                )
+                if how == "files":
+                    writer.write(chunk, values[region])
+                else:
+                    array[region] = values[region]
+        for how in stores:
+            reopened = zarr.open_group(str(tmp_path / f"{how}.zarr"), mode="r")
+            np.testing.assert_array_equal(np.asarray(reopened[name][...]), values, err_msg=f"{name} {how}")
+            files = ChunkFiles(reopened[name], tmp_path / f"{how}.zarr")  # read back either way
+            last = tuple(count - 1 for count in reopened[name].cdata_shape)
+            edge = tuple(slice(i * size, None) for i, size in zip(last, chunks, strict=True))
+            np.testing.assert_array_equal(files.read(last), values[edge])
+    texts = stores["files"].create_array("texts", shape=(2, 2), chunks=(1, 1), dtype=str)
+    text_files = ChunkFiles(texts, tmp_path / "files.zarr")
+    text_files.write((1, 0), np.array([["µm\nline two\n"]], dtype=object))
+    assert str(zarr.open_group(str(tmp_path / "files.zarr"), mode="r")["texts"][1, 0]) == "µm\nline two\n"
+    assert text_files.read((1, 0))[0, 0] == "µm\nline two\n"
+    assert text_files.read((0, 1))[0, 0] == ""  # never written: the fill value
+    assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_chunks_of_other_codecs_are_written_through_zarr(tmp_path: Path) -> None:
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    from wsiuda.io.chunks import ChunkFiles
+
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    array = group.create_array(
+        "a", shape=(8, 8), chunks=(4, 4), dtype="uint16", compressors=[BloscCodec(cname="lz4")]
+    )
+    writer = ChunkFiles(array, tmp_path / "s.zarr")
+    writer.write((1, 1), np.full((4, 4), 7, np.uint16))
+    assert int(zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["a"][5, 6]) == 7
+    np.testing.assert_array_equal(writer.read((1, 1)), np.full((4, 4), 7, np.uint16))
+    with pytest.raises(ValueError, match="chunk"):
+        writer.write((0, 0), np.zeros((3, 4), np.uint16))

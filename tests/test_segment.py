@@ -421,3 +421,29 @@ def test_crf_helpers_start_before_the_model_loads(
     with pytest.raises(ModelError, match="stop before any tile"):
         segment(config)
     assert calls == ([("start_helpers", 2)] if crf else []) + [("resolve_model", 0)]
+
+
+def test_the_domain_shift_score_of_a_core_matches_every_pixel_of_its_tissue() -> None:
+    # The score reads a quarter of a core's pixels; it must estimate the entropy over the tissue of
+    # every pixel, for a core all tissue and for one half tissue.
+    from wsiuda.geometry import Region
+    from wsiuda.pipelines.segment import binary_entropy
+    from wsiuda.pipelines.segment.tasks import TissueCrop, _entropy_over_tissue
+
+    rng = np.random.default_rng(1)
+    smooth = cv2.GaussianBlur(rng.random((300, 400)).astype(np.float32), (0, 0), 5)
+    probability = np.clip((smooth - smooth.min()) / np.ptp(smooth), 0, 1).astype(np.float32)
+    probability[:, 200:] *= 0.02  # the half off the tissue: the network sure there
+    core = Region(600, 800, 300, 400)  # a core of the working grid; the tissue mask has 50 px cells
+    entropy = binary_entropy(probability).astype(np.float64)
+    everywhere = TissueCrop(np.ones((6, 8), bool), 12, 16, 50.0)
+    half = TissueCrop(np.repeat([[True] * 4 + [False] * 4], 6, axis=0), 12, 16, 50.0)
+    for crop in (None, everywhere):
+        summed, pixels = _entropy_over_tissue(probability, core, crop)
+        assert pixels == core.height * core.width
+        assert summed == pytest.approx(entropy.sum(), rel=0.01)
+    summed, pixels = _entropy_over_tissue(probability, core, half)
+    assert not half.everywhere
+    assert pixels == core.height * core.width / 2
+    assert summed == pytest.approx(entropy[:, :200].sum(), rel=0.01)
+    assert summed / pixels != pytest.approx(entropy.mean(), rel=0.01)  # the tissue half, not the core

@@ -76,16 +76,16 @@ def test_a_full_disk_is_one_line_and_a_rerun_resumes(
 ) -> None:
     import errno
 
-    import zarr
+    from wsiuda.io import chunks
 
     out = tmp_path / "n.geojson"
     arguments = (str(small_slide), "-o", str(out), "-m", str(dark_model), "--no-crf", "--tile", "128")
     with monkeypatch.context() as disk:
 
-        def full(self: object, *args: object) -> None:
+        def full(*args: object) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        disk.setattr(zarr.Array, "__setitem__", full)  # every tile's write to the mask store
+        disk.setattr(chunks, "write_chunk_file", full)  # every tile's write to the mask store
         result = run(*arguments)
     assert result.exit_code == 1, result.output
     (line,) = result.output.strip().splitlines()

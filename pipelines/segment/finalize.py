@@ -14,7 +14,7 @@ import numpy as np
 from wsiuda import __version__
 from wsiuda.config import atomic_write_text
 from wsiuda.errors import WsiudaError
-from wsiuda.io.geojson import GeoJsonWriter
+from wsiuda.io.geojson import GeoJsonWriter, exterior_ring
 from wsiuda.io.maskstore import MaskStore
 from wsiuda.pipelines.segment.config import SegmentConfig
 from wsiuda.pipelines.segment.outputs import SlideResult
@@ -44,7 +44,7 @@ def finalize_slide(slide: PreparedSlide, config: SegmentConfig) -> SlideResult:
             for index in indices:
                 for line in store.tile_features(index):  # type: ignore[arg-type]
                     writer.write_raw(line)
-                    yield np.asarray(json.loads(line)["geometry"]["coordinates"][0])
+                    yield exterior_ring(line)
 
         overlay = draw_outlines(thumbnail, rings(), scale=thumb_scale)
         count = writer.count

@@ -75,9 +75,17 @@ class TissueCrop:
     x0: int
     factor: float
 
-    def in_core(self, core: Region) -> np.ndarray:
-        rows = np.clip(((core.y + np.arange(core.height)) // self.factor).astype(np.int64) - self.y0, 0, None)
-        cols = np.clip(((core.x + np.arange(core.width)) // self.factor).astype(np.int64) - self.x0, 0, None)
+    @property
+    def everywhere(self) -> bool:
+        """Whether the whole crop, and so the whole core, is tissue."""
+        return bool(self.mask.all())
+
+    def in_core(self, core: Region, *, step: int = 1) -> np.ndarray:
+        """The tissue mask at every ``step``-th row and column of ``core`` (working px)."""
+        rows = core.y + np.arange(0, core.height, step)
+        cols = core.x + np.arange(0, core.width, step)
+        rows = np.clip((rows // self.factor).astype(np.int64) - self.y0, 0, None)
+        cols = np.clip((cols // self.factor).astype(np.int64) - self.x0, 0, None)
         rows = np.minimum(rows, self.mask.shape[0] - 1)
         cols = np.minimum(cols, self.mask.shape[1] - 1)
         return np.asarray(self.mask[np.ix_(rows, cols)], dtype=bool)
@@ -171,11 +179,10 @@ def _finish_block(
     ]
     stats["polygons_s"], clock = _lap(clock)
 
-    core_probability = probability[core.as_slices()]
-    on_tissue = tissue.in_core(block.core) if tissue is not None else np.ones(core.shape, bool)
     stats["nuclei"] = len(features)
-    stats["entropy_sum"] = float(binary_entropy(core_probability).sum(dtype=np.float64, where=on_tissue))
-    stats["tissue_px"] = float(on_tissue.sum())
+    stats["entropy_sum"], stats["tissue_px"] = _entropy_over_tissue(
+        probability[core.as_slices()], block.core, tissue
+    )
     store.write_tile(
         block.index,
         block.core,
@@ -185,6 +192,25 @@ def _finish_block(
         stats=stats,
     )
     return len(features)
+
+
+ENTROPY_STRIDE = 2
+"""The domain-shift score reads every second row and column of a core: a quarter of the pixels, a quarter
+of the time, for a mean over about a quarter of a million pixels a tile."""
+
+
+def _entropy_over_tissue(
+    probability: np.ndarray, core: Region, tissue: TissueCrop | None
+) -> tuple[float, float]:
+    """(summed entropy, tissue pixels) of a core's probability over its tissue, both estimated from every
+    :data:`ENTROPY_STRIDE`-th row and column and scaled to the whole core."""
+    step = ENTROPY_STRIDE
+    entropy = binary_entropy(probability[::step, ::step])
+    weight = float(step * step)
+    if tissue is None or tissue.everywhere:  # most cores of a section: no mask to build
+        return float(entropy.sum(dtype=np.float64)) * weight, float(entropy.size) * weight
+    on_tissue = tissue.in_core(core, step=step)
+    return float(entropy.sum(dtype=np.float64, where=on_tissue)) * weight, float(on_tissue.sum()) * weight
 
 
 def _within(inner: Region, outer: Region) -> Region:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from wsiuda._version import __version__
 from wsiuda.config import RESUME_FIX, prepare_output_folder, writing
 from wsiuda.errors import OutputError
 from wsiuda.geometry import Region
+from wsiuda.io.chunks import write_chunk_file
 from wsiuda.io.codecs import JpegCodec, register
 
 STORE_FORMAT = "wsiuda.tiles"
@@ -238,16 +238,7 @@ class TileStore:
         # the same bytes zarr would write, without its per-write overhead (a quarter of a tile's CPU time,
         # timed by hand).
         assert self._jpeg is not None
-        data = self._jpeg.encode_image(pixels)
-        folder = self.path / "tiles"
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=f"c.{index}.", suffix=".partial")
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                stream.write(data)
-            os.replace(temporary, folder / f"c.{index}.0.0.0")
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_chunk_file(self.path / "tiles" / f"c.{index}.0.0.0", self._jpeg.encode_image(pixels))
 
     def read_tile(self, index: int) -> np.ndarray:
         return np.asarray(self._tiles[index])
