@@ -58,17 +58,15 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     """``scipy.ndimage.binary_fill_holes`` with its default structure, 3x faster (timed by hand).
 
     A hole is a background region, 4-connected as scipy's default has it, that does not reach the array's
-    edge. scipy finds them by dilating from the edge one pixel per pass.
+    edge. scipy finds them by dilating from the edge one pixel per pass; here one flood fill from a
+    one-pixel frame of background marks everything that reaches the edge, and the rest is filled.
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.size == 0:
         return mask.copy()
-    _, regions = cv2.connectedComponents(np.logical_not(mask).astype(np.uint8), connectivity=4)
-    reaching_edge = np.zeros(int(regions.max()) + 1, bool)
-    for edge in (regions[0], regions[-1], regions[:, 0], regions[:, -1]):
-        reaching_edge[edge] = True
-    # Label 0 is the mask itself; every other label is a background region, kept where it reaches the edge.
-    return mask | ~reaching_edge[regions]
+    framed = cv2.copyMakeBorder(mask.view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    cv2.floodFill(framed, None, (0, 0), 2, flags=4)
+    return framed[1:-1, 1:-1] != 2
 
 
 def _split(foreground: np.ndarray, *, split_depth_px: float) -> np.ndarray:
