@@ -7,23 +7,29 @@ default model's int8 probabilities refined by the default CRF, as the pipeline h
 tile's work after the CRF (pipelines/segment/tasks.py: _finish_block) is timed on one thread, with malloc
 and the garbage collector set as `wsiuda segment` sets them (wsiuda.allocator), over the 4 tiles, and
 keeps its fastest of --repeats rounds.
-Four of the steps are also timed the way they ran before, to show what each change saved: the watershed
-over the whole tile at once, GEOS's valid-output snapping of every outline to the 0.01 px grid, the GeoJSON
-features with Python's default garbage collector thresholds, and the core's entropy in float64 over a copy
-of its tissue pixels.
+Some steps are also timed the way they ran before, to show what each change saved: the exact distance
+transform, the watershed over the whole tile at once, GEOS's valid-output snapping of every outline to the
+0.01 px grid, the GeoJSON features with Python's default garbage collector thresholds, the store written
+through zarr's own writes, and the core's entropy over every pixel.
+Where the labelled data sets are at $WSIUDA_SHARED (default ../shared), the split of touching nuclei is
+also scored both ways, chamfer and exact distance, by AJI against the labels of MoNuSeg 2018's official
+test images and TNBC's slides 10-11 (the default model in int8 and the default CRF, as `wsiuda segment`
+has them; the labels serve this report only).
 Results go to benchmarks/results/nuclei_steps.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from common import hardware  # noqa: E402
 from synthetic import synthetic_he  # noqa: E402
 
+TNBC_TEST_SLIDES = ("slide-10", "slide-11")
 WINDOW = 1456  # a 1024 tile with its halo, as segment_throughput.md reports
 CORE = 1024
 
@@ -56,6 +63,84 @@ def tiles(count: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+def exact_markers(foreground: np.ndarray, *, split_depth_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """wsiuda.instances._markers as it was with OpenCV's exact distance transform (before)."""
+    import cv2
+
+    from wsiuda import instances
+
+    padded = cv2.copyMakeBorder(foreground.astype(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    distance = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+    # The exact distance rounds differently with OpenCV's thread count: the root of the whole number of
+    # px² it stands for gave every thread count the same nuclei.
+    distance = cv2.sqrt(np.rint(cv2.multiply(distance, distance)))
+    levels = cv2.convertScaleAbs(distance, alpha=instances._LEVELS_PER_PX)
+    depth = max(round(split_depth_px * instances._LEVELS_PER_PX), 1)
+    domes = cv2.subtract(
+        levels, instances._reconstruct(cv2.subtract(levels, np.full_like(levels, depth)), levels)
+    )
+    _, markers = cv2.connectedComponents((domes >= depth).astype(np.uint8), connectivity=8)
+    return distance, markers
+
+
+@contextlib.contextmanager
+def exact_distance() -> Iterator[None]:
+    """label_nuclei with the exact distance transform, as it was before."""
+    from wsiuda import instances
+
+    chamfer = instances._markers
+    instances._markers = exact_markers
+    try:
+        yield
+    finally:
+        instances._markers = chamfer
+
+
+def split_quality(shared: Path) -> dict[str, Any] | None:
+    """Mean AJI of label_nuclei with the chamfer (now) and the exact (before) distance on labelled test
+    images, from the default model's int8 probabilities refined by the default CRF; None without the data."""
+    from wsiuda import instances, metrics
+    from wsiuda.crf import DEFAULT_CRF
+    from wsiuda.data import read_mask, read_rgb
+    from wsiuda.models import Segmenter, default_model_path
+    from wsiuda.pipelines.evaluate import labelled_pairs, predict_probabilities
+
+    datasets = shared / "datasets"
+    if not (datasets / "monuseg2018").is_dir() or not (datasets / "tnbc").is_dir():
+        return None
+    pairs = {
+        "MoNuSeg 2018 official test": labelled_pairs(datasets / "monuseg2018", split="test"),
+        "TNBC slides 10-11": [p for p in labelled_pairs(datasets / "tnbc") if p.group in TNBC_TEST_SLIDES],
+    }
+    segmenter = Segmenter.load(default_model_path(), device="cpu", precision="auto")
+    # As `wsiuda segment` has them at 0.25 µm/px: its default smallest nucleus and split depth.
+    settings: dict[str, Any] = {"threshold": 0.5, "min_area_px": 96, "split_depth_px": 2.0}
+    scores: dict[str, Any] = {"settings": settings, "sets": {}}
+    for name, chosen in pairs.items():
+        rows: dict[str, list[float]] = {"chamfer (now)": [], "exact (before)": []}
+        nuclei = {"chamfer (now)": 0, "exact (before)": 0}
+        for pair in chosen:
+            image = read_rgb(pair.image)
+            truth = metrics.to_instances(read_mask(pair.mask))
+            probability = predict_probabilities(
+                segmenter, image, data_mpp=0.25, variants={"crf": DEFAULT_CRF}
+            )["crf"]
+            for variant in rows:
+                if variant == "exact (before)":
+                    with exact_distance():
+                        labels = instances.label_nuclei(probability, **settings)
+                else:
+                    labels = instances.label_nuclei(probability, **settings)
+                rows[variant].append(metrics.aji(metrics.overlaps(labels, truth)))
+                nuclei[variant] += int(labels.max())
+        scores["sets"][name] = {
+            "images": len(chosen),
+            "aji": {variant: float(np.mean(values)) for variant, values in rows.items()},
+            "nuclei": nuclei,
+        }
+    return scores
+
+
 def fastest(repeats: int, steps: dict[str, Callable[[], Any]]) -> dict[str, float]:
     """Milliseconds of each step (summed over the tiles), fastest of ``repeats`` rounds, round by round."""
     best: dict[str, float] = {}
@@ -74,6 +159,9 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument(
+        "--shared", type=Path, default=Path(os.environ.get("WSIUDA_SHARED", REPO.parent / "shared"))
+    )
     args = parser.parse_args()
 
     import cv2
@@ -84,9 +172,10 @@ def main() -> None:
     from wsiuda.allocator import collect_garbage_less_often, reuse_freed_memory
     from wsiuda.geometry import Region
     from wsiuda.io.geojson import dump_feature, feature_id, nucleus_feature
-    from wsiuda.io.maskstore import MaskStore
+    from wsiuda.io.maskstore import TILE_STATS, MaskStore, to_uint8
     from wsiuda.overlay import draw_outlines
     from wsiuda.pipelines.segment import binary_entropy
+    from wsiuda.pipelines.segment.tasks import _entropy_over_tissue
 
     cv2.setNumThreads(1)  # as each task of a segment worker runs
     reuse_freed_memory()  # as `wsiuda segment` sets its process's malloc
@@ -139,12 +228,26 @@ def main() -> None:
                 stats={},
             )
 
+    def write_tiles_through_zarr() -> None:
+        # MaskStore.write_tile as it was: each array written with zarr's own __setitem__.
+        group: Any = store.group
+        for index, (tile, lines) in enumerate(zip(labels, features, strict=True)):
+            region = Region(index * CORE, 0, CORE, CORE).as_slices()
+            store.probability[region] = to_uint8(probabilities[index][core.as_slices()])
+            store.labels[region] = tile[core.as_slices()].astype(np.uint32)
+            group["features"][index, 0] = "".join(dump_feature(f) + "\n" for f in lines)
+            group["stats"][index, 0] = np.zeros(len(TILE_STATS))
+            group["done"][index, 0] = 1
+
     rings = [np.asarray(s.polygon.exterior.coords) for tile in shapes for s in tile]
     # The entropy is taken of the network's probability under the core; the refined one stands in for it
-    # (the same size and type), with a tissue mask that leaves out a tenth of the core.
+    # (the same size and type). The core is all tissue, as most cores of a section are.
     tissue = np.ones((CORE, CORE), bool)
-    tissue[: CORE // 10] = False
     entropy_inputs = [(probability, tissue) for probability in probabilities]
+
+    def with_exact_distance(step: Callable[[], Any]) -> Any:
+        with exact_distance():
+            return step()
 
     def with_default_gc(step: Callable[[], Any]) -> Any:
         tuned = gc.get_threshold()
@@ -154,14 +257,19 @@ def main() -> None:
         finally:
             gc.set_threshold(*tuned)
 
-    def entropy_float64(probability: np.ndarray) -> np.ndarray:
-        p = np.clip(np.asarray(probability, dtype=np.float64), 1e-7, 1 - 1e-7)
-        return np.asarray(-(p * np.log2(p) + (1 - p) * np.log2(1 - p)))
-
     thumbnail = np.full((512, 512, 3), 255, np.uint8)
     steps: dict[str, Callable[[], Any]] = {
         "label_nuclei (threshold, holes, split, small ones)": lambda: [
             instances.label_nuclei(p, min_area_px=30) for p in probabilities
+        ],
+        "  with the exact distance transform (before)": lambda: with_exact_distance(
+            lambda: [instances.label_nuclei(p, min_area_px=30) for p in probabilities]
+        ),
+        "  of which the distance and the markers, 5x5 chamfer distance (now)": lambda: [
+            instances._markers(f, split_depth_px=2.0) for f in foregrounds
+        ],
+        "  the same with the exact distance transform (before)": lambda: [
+            exact_markers(f, split_depth_px=2.0) for f in foregrounds
         ],
         "  of which the watershed, piece by piece (now)": lambda: [
             instances._flood(-distance, markers, foreground) for distance, markers, foreground in floods
@@ -182,18 +290,20 @@ def main() -> None:
             lambda: features_of(shapes)
         ),
         "dump_feature": lambda: [[dump_feature(f) for f in tile] for tile in features],
-        "store write (probability, labels, features)": write_tiles,
-        "entropy of the core over its tissue (float32, now)": lambda: [
+        "store write (probability, labels, features), chunk files (now)": write_tiles,
+        "  through zarr's own writes (before)": write_tiles_through_zarr,
+        "entropy of the core over its tissue, every second row and column (now)": lambda: [
+            _entropy_over_tissue(p[core.as_slices()], core, None) for p, _ in entropy_inputs
+        ],
+        "  over every pixel (before)": lambda: [
             float(binary_entropy(p[core.as_slices()]).sum(dtype=np.float64, where=t))
             for p, t in entropy_inputs
-        ],
-        "  in float64, over a copy of the tissue pixels (before)": lambda: [
-            float(entropy_float64(p[core.as_slices()][t]).sum()) for p, t in entropy_inputs
         ],
         "overlay outlines (at the end of a run)": lambda: draw_outlines(thumbnail, rings, scale=0.1),
     }
     timed = fastest(args.repeats, steps)
     shutil.rmtree(workdir, ignore_errors=True)
+    quality = split_quality(args.shared)
     nuclei = sum(len(tile) for tile in shapes) / len(shapes)
     per_tile = {name: ms / len(data) for name, ms in timed.items()}
     results = {
@@ -203,6 +313,7 @@ def main() -> None:
         "tiles": len(data),
         "nuclei_per_tile": nuclei,
         "ms_per_tile": per_tile,
+        "split_quality": quality,
     }
     hw = results["hardware"]
     lines = [
@@ -216,11 +327,36 @@ def main() -> None:
         "|---|---:|",
         *[f"| {name} | {ms:.1f} |" for name, ms in per_tile.items()],
         "",
+        *quality_lines(quality, args.shared),
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "nuclei_steps.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "nuclei_steps.md").write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+def quality_lines(quality: dict[str, Any] | None, shared: Path) -> list[str]:
+    if quality is None:
+        return [f"The split was not scored: no labelled data sets under {shared}.", ""]
+    settings = quality["settings"]
+    lines = [
+        "## Splitting touching nuclei: chamfer against exact distance",
+        "",
+        "AJI (per image, averaged) of `label_nuclei` against the labels, on the default model's int8 "
+        f"probabilities refined by the default CRF (threshold {settings['threshold']}, smallest nucleus "
+        f"{settings['min_area_px']} px, split depth {settings['split_depth_px']} px, as `wsiuda segment` "
+        "has them at 0.25 µm/px).",
+        "",
+        "| images | count | AJI, chamfer (now) | AJI, exact (before) | nuclei, chamfer | nuclei, exact |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in quality["sets"].items():
+        aji, nuclei = row["aji"], row["nuclei"]
+        lines.append(
+            f"| {name} | {row['images']} | {aji['chamfer (now)']:.4f} | {aji['exact (before)']:.4f} "
+            f"| {nuclei['chamfer (now)']} | {nuclei['exact (before)']} |"
+        )
+    return [*lines, ""]
 
 
 if __name__ == "__main__":
