@@ -201,7 +201,7 @@ def _on_grid(geometries: np.ndarray) -> np.ndarray:
 
     Each vertex is rounded to the grid, and GEOS's slower valid-output snapping (an overlay) repairs those
     that rounding made invalid. On nuclei rounding keeps nearly every outline valid; it gave the same
-    shapes as the valid-output snapping (which starts some rings at another vertex), in a ninth of the
+    shapes as the valid-output snapping (which starts some rings at another vertex), in an eighth of the
     time (benchmarks/results/nuclei_steps.md).
     """
     snapped = shapely.set_precision(geometries, GRID, mode="pointwise")
