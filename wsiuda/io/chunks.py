@@ -1,8 +1,9 @@
 """Whole chunks of a zarr v3 array on local disk, written to and read from their chunk files directly.
 
 zarr's own write of a chunk (``array[region] = values``) passes through its asynchronous machinery, which
-costs a whole tile's chunk three times what encoding and writing the file cost (timed by hand: 5.1 ms of
-CPU for a 1024² uint32 label chunk against 0.9 ms for its zstd and 1.0 ms for the file). The stores here
+costs a whole tile's chunk about five times what encoding and writing the file cost (timed by hand: 5.1 ms
+of CPU for a 1024² uint32 label chunk against 1.0 ms to compress it with zstd and write the file; a dense
+tile's store write in benchmarks/results/nuclei_steps.md). The stores here
 write every chunk of a tile whole, so they encode it as zarr would and write the file themselves: the same
 bytes under the same key, readable by zarr, dask and napari. Reading a chunk back costs zarr as much again,
 so a store that reads its chunks one at a time reads the files too. Arrays whose codecs are other than the
@@ -38,6 +39,7 @@ class ChunkFiles:
     """Reads and writes whole chunks of one array of a local zarr v3 store (see the module's docstring)."""
 
     def __init__(self, array: zarr.Array, root: Path) -> None:
+        """``array`` opened from the store in the folder ``root``."""
         self.array = array
         self._folder = root / array.path if array.path else root
         self._codec = _codec(array)
