@@ -311,3 +311,14 @@ def test_chunks_of_other_codecs_are_written_through_zarr(tmp_path: Path) -> None
     np.testing.assert_array_equal(writer.read((1, 1)), np.full((4, 4), 7, np.uint16))
     with pytest.raises(ValueError, match="chunk"):
         writer.write((0, 0), np.zeros((3, 4), np.uint16))
+
+
+def test_probability_to_uint8_rounds_and_saturates_as_numpy_does() -> None:
+    from wsiuda.io.maskstore import to_uint8
+
+    rng = np.random.default_rng(3)
+    probability = np.concatenate(
+        [rng.random(10_000), np.arange(256) / 255.0, (np.arange(255) + 0.5) / 255.0, [-0.3, -1e-6, 1.2, 7.0]]
+    ).astype(np.float32)[None, :]
+    expected = np.clip(np.rint(probability * np.float32(255.0)), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(to_uint8(probability), expected)
