@@ -5,8 +5,9 @@ costs a whole tile's chunk about five times what encoding and writing the file c
 of CPU for a 1024² uint32 label chunk against 1.0 ms to compress it with zstd and write the file; a dense
 tile's store write in benchmarks/results/nuclei_steps.md). The stores here
 write every chunk of a tile whole, so they encode it as zarr would and write the file themselves: the same
-bytes under the same key, readable by zarr, dask and napari. Reading a chunk back costs zarr as much again,
-so a store that reads its chunks one at a time reads the files too. Arrays whose codecs are other than the
+bytes under the same key, readable by zarr, dask and napari. A store that reads its chunks one at a time
+reads the files too: a tile's features took 0.80 ms through zarr against 0.21 ms from the file (timed by
+hand). Arrays whose codecs are other than the
 ones handled here are read and written through zarr.
 """
 

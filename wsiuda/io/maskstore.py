@@ -186,7 +186,8 @@ class MaskStore:
 
         ``core`` is the tile's chunk of the 2-D arrays (one chunk per core tile, see :meth:`create`).
         """
-        tile = self.probability.chunks[0]
+        probability_chunks, label_chunks = self._chunks("probability"), self._chunks(LABELS_PATH)
+        tile = probability_chunks.array.chunks[0]
         if (core.y, core.x) != (index[0] * tile, index[1] * tile):
             raise ValueError(f"{core} is not the core of tile {index} of a {tile}-px grid")
         prob = probability if probability.dtype == np.uint8 else to_uint8(probability)
@@ -194,8 +195,8 @@ class MaskStore:
         # A tile without nuclei writes a newline: "" is the fill value, which zarr would not store.
         text = "".join(line + "\n" for line in features) or "\n"
         with writing(self.path, fix=RESUME_FIX):
-            self._chunks("probability").write(index, prob)
-            self._chunks(LABELS_PATH).write(index, labels.astype(self.labels.dtype, copy=False))
+            probability_chunks.write(index, prob)
+            label_chunks.write(index, labels.astype(label_chunks.array.dtype, copy=False))
             self._chunks("features").write(index, np.array([[text]], dtype=object))
             values = np.array([[[float(stats.get(name, 0.0)) for name in TILE_STATS]]])
             self._chunks("stats").write((row, col, 0), values)
