@@ -7,14 +7,18 @@ default model's int8 probabilities refined by the default CRF, as the pipeline h
 tile's work after the CRF (pipelines/segment/tasks.py: _finish_block) is timed on one thread, with malloc
 and the garbage collector set as `wsiuda segment` sets them (wsiuda.allocator), over the 4 tiles, and
 keeps its fastest of --repeats rounds.
+First, a tile's nuclei steps all together (block mean, label_nuclei, centroids, nucleus_polygons) on the
+0.5 µm/px nuclei grid that `wsiuda segment` labels on now, and on the 0.25 µm/px working grid it labelled
+on before; the rows after that time the steps one by one on the working grid.
 Some steps are also timed the way they ran before, to show what each change saved: the exact distance
 transform, the watershed over the whole tile at once, GEOS's valid-output snapping of every outline to the
 0.01 px grid, the GeoJSON features with Python's default garbage collector thresholds, the store written
 through zarr's own writes, and the core's entropy over every pixel.
-Where the labelled data sets are at $WSIUDA_SHARED (default ../shared), the split of touching nuclei is
-also scored both ways, chamfer and exact distance, by AJI against the labels of MoNuSeg 2018's official
-test images and TNBC's slides 10-11 (the default model in int8 and the default CRF, as `wsiuda segment`
-has them; the labels serve this report only).
+Where the labelled data sets are at $WSIUDA_SHARED (default ../shared), the nuclei are also scored by AJI
+against the labels of MoNuSeg 2018's official test images and TNBC's slides 10-11: labelled on the nuclei
+grid, on the working grid, and on the working grid with the exact distance transform, each from the
+default model's int8 probabilities with the default CRF and without it (as `wsiuda segment` has them;
+the labels serve this report only).
 Results go to benchmarks/results/nuclei_steps.{json,md}.
 """
 
@@ -45,6 +49,7 @@ from synthetic import synthetic_he  # noqa: E402
 TNBC_TEST_SLIDES = ("slide-10", "slide-11")
 WINDOW = 1456  # a 1024 tile with its halo, as segment_throughput.md reports
 CORE = 1024
+GRID_FACTOR = 2  # the default nuclei grid, 0.5 µm/px, over the 0.25 µm/px working grid
 
 
 def tiles(count: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -96,10 +101,38 @@ def exact_distance() -> Iterator[None]:
         instances._markers = chamfer
 
 
+# How the nuclei are labelled, scored side by side: on the nuclei grid (now), on the working grid (before),
+# and on the working grid with the exact distance transform (before that).
+GRIDS = {
+    "0.5 µm/px grid (now)": (GRID_FACTOR, False),
+    "working grid (before)": (1, False),
+    "working grid, exact distance": (1, True),
+}
+REFINEMENTS = {"default CRF": "crf", "no CRF": "none"}
+
+
+def labels_on_grid(probability: np.ndarray, factor: int, *, exact: bool = False) -> np.ndarray:
+    """Nuclei of a probability on the working grid (0.25 µm/px), labelled on a grid ``factor`` times coarser
+    with `wsiuda segment`'s default smallest nucleus and split depth, and drawn back on the working grid."""
+    import cv2
+
+    from wsiuda import instances
+
+    mpp = 0.25 * factor
+    height, width = probability.shape
+    padded = cv2.copyMakeBorder(
+        probability, 0, -height % factor, 0, -width % factor, cv2.BORDER_REPLICATE
+    )  # to whole grid pixels
+    settings = {"min_area_px": round(6.0 / mpp**2), "split_depth_px": 0.5 / mpp}
+    with exact_distance() if exact else contextlib.nullcontext():
+        labels = instances.label_nuclei(instances.block_mean(padded, factor), **settings)
+    return labels.repeat(factor, axis=0).repeat(factor, axis=1)[:height, :width]
+
+
 def split_quality(shared: Path) -> dict[str, Any] | None:
-    """Mean AJI of label_nuclei with the chamfer (now) and the exact (before) distance on labelled test
-    images, from the default model's int8 probabilities refined by the default CRF; None without the data."""
-    from wsiuda import instances, metrics
+    """Mean AJI of the nuclei of each of :data:`GRIDS` on labelled test images, from the default model's
+    int8 probabilities with the default CRF and without it; None without the data."""
+    from wsiuda import metrics
     from wsiuda.crf import DEFAULT_CRF
     from wsiuda.data import read_mask, read_rgb
     from wsiuda.models import Segmenter, default_model_path
@@ -113,30 +146,26 @@ def split_quality(shared: Path) -> dict[str, Any] | None:
         "TNBC slides 10-11": [p for p in labelled_pairs(datasets / "tnbc") if p.group in TNBC_TEST_SLIDES],
     }
     segmenter = Segmenter.load(default_model_path(), device="cpu", precision="auto")
-    # As `wsiuda segment` has them at 0.25 µm/px: its default smallest nucleus and split depth.
-    settings: dict[str, Any] = {"threshold": 0.5, "min_area_px": 96, "split_depth_px": 2.0}
-    scores: dict[str, Any] = {"settings": settings, "sets": {}}
+    scores: dict[str, Any] = {"sets": {}}
     for name, chosen in pairs.items():
-        rows: dict[str, list[float]] = {"chamfer (now)": [], "exact (before)": []}
-        nuclei = {"chamfer (now)": 0, "exact (before)": 0}
+        rows: dict[tuple[str, str], list[float]] = {(r, grid): [] for r in REFINEMENTS for grid in GRIDS}
+        nuclei = dict.fromkeys(rows, 0)
         for pair in chosen:
-            image = read_rgb(pair.image)
             truth = metrics.to_instances(read_mask(pair.mask))
-            probability = predict_probabilities(
-                segmenter, image, data_mpp=0.25, variants={"crf": DEFAULT_CRF}
-            )["crf"]
-            for variant in rows:
-                if variant == "exact (before)":
-                    with exact_distance():
-                        labels = instances.label_nuclei(probability, **settings)
-                else:
-                    labels = instances.label_nuclei(probability, **settings)
-                rows[variant].append(metrics.aji(metrics.overlaps(labels, truth)))
-                nuclei[variant] += int(labels.max())
-        scores["sets"][name] = {
-            "images": len(chosen),
-            "aji": {variant: float(np.mean(values)) for variant, values in rows.items()},
-            "nuclei": nuclei,
+            probabilities = predict_probabilities(
+                segmenter, read_rgb(pair.image), data_mpp=0.25, variants={"crf": DEFAULT_CRF, "none": None}
+            )
+            for refined, grid in rows:
+                factor, exact = GRIDS[grid]
+                labels = labels_on_grid(probabilities[REFINEMENTS[refined]], factor, exact=exact)
+                rows[refined, grid].append(metrics.aji(metrics.overlaps(labels, truth)))
+                nuclei[refined, grid] += int(labels.max())
+        scores["sets"][name] = {"images": len(chosen)} | {
+            refined: {
+                grid: {"aji": float(np.mean(rows[refined, grid])), "nuclei": nuclei[refined, grid]}
+                for grid in GRIDS
+            }
+            for refined in REFINEMENTS
         }
     return scores
 
@@ -258,7 +287,24 @@ def main() -> None:
             gc.set_threshold(*tuned)
 
     thumbnail = np.full((512, 512, 3), 255, np.uint8)
+
+    def nuclei_steps(factor: int) -> None:
+        # The steps of _finish_block from the refined probability to the outlines, as on a whole window.
+        for probability in probabilities:
+            coarse = instances.block_mean(probability, factor)
+            tile = instances.label_nuclei(
+                coarse, min_area_px=round(30 / factor**2), split_depth_px=2.0 / factor
+            )
+            ids, _ = instances.centroids(tile)
+            polygons.nucleus_polygons(tile, ids, probability=coarse, scale=1.0 / factor, level0_mpp=0.25)
+
     steps: dict[str, Callable[[], Any]] = {
+        "nuclei on the 0.5 µm/px grid: block mean, label_nuclei, centroids, nucleus_polygons (now)": lambda: (
+            nuclei_steps(GRID_FACTOR)
+        ),
+        "  the same on the 0.25 µm/px working grid (before); the rows below are on it": lambda: nuclei_steps(
+            1
+        ),
         "label_nuclei (threshold, holes, split, small ones)": lambda: [
             instances.label_nuclei(p, min_area_px=30) for p in probabilities
         ],
@@ -337,25 +383,29 @@ def main() -> None:
 
 def quality_lines(quality: dict[str, Any] | None, shared: Path) -> list[str]:
     if quality is None:
-        return [f"The split was not scored: no labelled data sets under {shared}.", ""]
-    settings = quality["settings"]
+        return [f"The nuclei were not scored: no labelled data sets under {shared}.", ""]
     lines = [
-        "## Splitting touching nuclei: chamfer against exact distance",
+        "## The nuclei against the labels: nuclei grid, working grid, exact distance",
         "",
-        "AJI (per image, averaged) of `label_nuclei` against the labels, on the default model's int8 "
-        f"probabilities refined by the default CRF (threshold {settings['threshold']}, smallest nucleus "
-        f"{settings['min_area_px']} px, split depth {settings['split_depth_px']} px, as `wsiuda segment` "
-        "has them at 0.25 µm/px).",
+        "AJI (per image, averaged) against the labels, and the nuclei found, from the default model's int8 "
+        "probabilities at 0.25 µm/px with the default CRF and without it. Threshold 0.5, smallest nucleus "
+        "6 µm², split depth 0.5 µm, as `wsiuda segment` has them; on the 0.5 µm/px grid the probability is "
+        "the mean of 2x2 working pixels and the labels are drawn back on the working grid to be scored.",
         "",
-        "| images | count | AJI, chamfer (now) | AJI, exact (before) | nuclei, chamfer | nuclei, exact |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| images | count | probability | {' | '.join(f'AJI, {grid}' for grid in GRIDS)} "
+        f"| {' | '.join(f'nuclei, {grid}' for grid in GRIDS)} |",
+        "|---|---:|---|" + "---:|" * (2 * len(GRIDS)),
     ]
     for name, row in quality["sets"].items():
-        aji, nuclei = row["aji"], row["nuclei"]
-        lines.append(
-            f"| {name} | {row['images']} | {aji['chamfer (now)']:.4f} | {aji['exact (before)']:.4f} "
-            f"| {nuclei['chamfer (now)']} | {nuclei['exact (before)']} |"
-        )
+        for refined in REFINEMENTS:
+            scored = row[refined]
+            lines.append(
+                f"| {name} | {row['images']} | {refined} | "
+                + " | ".join(f"{scored[grid]['aji']:.4f}" for grid in GRIDS)
+                + " | "
+                + " | ".join(str(scored[grid]["nuclei"]) for grid in GRIDS)
+                + " |"
+            )
     return [*lines, ""]
 
 

@@ -49,6 +49,13 @@ log = logging.getLogger("wsiuda.cli.segment")
     default=None,
     help="Working resolution in µm/px [default: the model's].",
 )
+@click.option(
+    "--nuclei-mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Grid on which nuclei are labelled, split and outlined, in µm/px: a whole multiple of the "
+    "working one [default: the multiple nearest 0.5].",
+)
 @slide_mpp_option()
 @backend_option()
 @tile_option(default=1024, minimum=64)  # SegmentConfig's minimum (a test checks they agree)
@@ -83,6 +90,7 @@ def command(
     no_crf: bool,
     crf_downsample: float | None,
     mpp: float | None,
+    nuclei_mpp: float | None,
     slide_mpp: float | None,
     backend: str,
     tile: int,
@@ -115,6 +123,7 @@ def command(
         crf=not no_crf,
         crf_params=DEFAULT_CRF if crf_downsample is None else replace(DEFAULT_CRF, downsample=crf_downsample),
         mpp=mpp,
+        nuclei_mpp=nuclei_mpp,
         slide_mpp=slide_mpp,
         backend=backend,
         tile=tile,

@@ -49,6 +49,17 @@ def test_block_for_refuses_regions_off_the_grid() -> None:
         block_for(Region(0, 0, 11, 10), tile=10, halo=2)
 
 
+def test_a_region_moves_out_onto_a_grid_of_the_outer_frame_and_in_at_the_image_edge() -> None:
+    # The region's frame starts at (5, 8) of the outer frame, whose grid lines are at multiples of 4.
+    moved = Region(3, 2, 10, 11).on_grid(4, origin=(5, 8), within=(40, 40))
+    assert moved == Region(3, 0, 12, 16)  # outer rows 8..20, columns 8..24
+    assert (moved.y + 5) % 4 == 0 and (moved.x + 8) % 4 == 0 and moved.height % 4 == moved.width % 4 == 0
+    # Where moving out would leave the 14 x 14 image, the edge moves in instead: the top (outer row 3
+    # would go to 0, row -2 here) and the right (column 13 would go to 16).
+    assert Region(1, 1, 12, 12).on_grid(4, origin=(2, 0), within=(14, 14)) == Region(2, 0, 12, 12)
+    assert Region(3, 2, 10, 11).on_grid(1, origin=(5, 8), within=(40, 40)) == Region(3, 2, 10, 11)
+
+
 def test_every_point_has_exactly_one_owner() -> None:
     shape = (230, 310)
     cores = grid_cores(shape, tile=64)

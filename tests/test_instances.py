@@ -8,7 +8,15 @@ import pytest
 from scipy import ndimage as ndi
 
 from wsiuda.geometry import Region
-from wsiuda.instances import centroids, fill_holes, label_nuclei, owned_nuclei, touching_edge
+from wsiuda.instances import (
+    block_mean,
+    centroids,
+    fill_holes,
+    from_grid,
+    label_nuclei,
+    owned_nuclei,
+    touching_edge,
+)
 
 
 def disks(shape: tuple[int, int], circles: list[tuple[int, int, int]]) -> np.ndarray:
@@ -49,6 +57,19 @@ def test_threshold_applies_to_the_probability() -> None:
     probability = disks((60, 60), [(30, 30, 10)]) * 0.6
     assert label_nuclei(probability, threshold=0.5).max() == 1
     assert label_nuclei(probability, threshold=0.7).max() == 0
+
+
+def test_block_mean_is_the_mean_of_each_block_and_centres_map_back() -> None:
+    probability = np.random.default_rng(1).random((12, 18)).astype(np.float32)
+    coarse = block_mean(probability, 3)
+    assert coarse.dtype == np.float32
+    np.testing.assert_allclose(coarse, probability.reshape(4, 3, 6, 3).mean(axis=(1, 3)), atol=1e-6)
+    assert np.array_equal(block_mean(probability, 1), probability)
+    with pytest.raises(ValueError, match="multiple"):
+        block_mean(probability, 5)
+    # Coarse pixel (1, 2) of factor 3 covers fine rows 3-5 and columns 6-8: its centre is (4, 7).
+    np.testing.assert_array_equal(from_grid(np.array([[1.0, 2.0]]), 3), [[4.0, 7.0]])
+    assert np.array_equal(from_grid(np.array([[1.5, 2.0]]), 1), [[1.5, 2.0]])
 
 
 def test_centroids_and_edge_contact() -> None:

@@ -149,6 +149,43 @@ def test_halo_too_small_for_the_nuclei_loses_or_cuts_them(tmp_path: Path) -> Non
     assert not all(whole)
 
 
+# Two overlapping disks, across the vertical border at x = 225 and near the horizontal one at y = 150 of
+# 75 px tiles, that the split parts: besides them, the border disks.
+SPLIT_PAIR = [(140, 214, 12), (146, 236, 12)]
+
+
+@pytest.mark.parametrize("nuclei_mpp", [0.25, 0.5])
+def test_tiled_labels_equal_the_whole_image_labelled_on_the_nuclei_grid(
+    tmp_path: Path, nuclei_mpp: float
+) -> None:
+    """Tile 75 puts half the windows at odd working pixels: every block still labels on the slide-wide
+    nuclei grid, so the stored labels are those of the whole image labelled at once, nucleus for nucleus."""
+    import dask.array as da
+
+    from wsiuda.instances import block_mean, label_nuclei
+
+    image = disk_image((360, 380), BORDER_DISKS + SPLIT_PAIR)
+    slide = write_slide(tmp_path / "disks.svs", image, mpp=0.25, app_mag=40)
+    config = sync_config([slide], tmp_path / "out.geojson", tile=75, nuclei_mpp=nuclei_mpp)
+    assert not segment(config, predictor=DarkPredictor(), network=DARK_NETWORK).failures
+    stored = da.from_zarr(str(tmp_path / "out.mask.zarr"), component="labels/nuclei/0").compute()
+
+    factor = round(nuclei_mpp / 0.25)
+    whole = label_nuclei(
+        block_mean(DarkPredictor()(image[None])[0], factor),
+        min_area_px=round(config.min_nucleus_area_um2 / nuclei_mpp**2),
+        split_depth_px=config.split_depth_um / nuclei_mpp,
+    )
+    whole = whole.repeat(factor, axis=0).repeat(factor, axis=1)
+    assert whole.max() == len(BORDER_DISKS) + len(SPLIT_PAIR)
+    pairs = np.unique(np.stack([stored.ravel().astype(np.int64), whole.ravel()]), axis=1)
+    # One stored id per nucleus of the whole image and back: the same partition of the pixels.
+    assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1] == whole.max() + 1
+    assert len(load_features(tmp_path / "out.geojson")) == whole.max()
+    summary = json.loads((tmp_path / "out.summary.json").read_text())
+    assert summary["working"]["nuclei_mpp"] == pytest.approx(nuclei_mpp)
+
+
 # ----------------------------------------------------------------------------------------- coordinates
 @pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
 def test_polygons_land_at_level0_positions_of_a_20x_slide(tmp_path: Path, backend: str) -> None:

@@ -311,6 +311,25 @@ def test_cmu1_segments_end_to_end_on_a_local_cluster(shared: Path, tmp_path: Pat
     assert os.path.getsize(tmp_path / "cmu1.overlay.png") > 10_000
 
 
+def test_a_nuclei_grid_off_the_working_grid_is_one_line(
+    tmp_path: Path, small_slide: Path, dark_model: Path
+) -> None:
+    from wsiuda.pipelines.segment import SegmentConfig
+
+    result = run(
+        str(small_slide), "-o", str(tmp_path / "n.geojson"), "-m", str(dark_model), "--nuclei-mpp", "0.3"
+    )
+    assert result.exit_code == 2
+    (line,) = error_lines(result.output)
+    assert "--nuclei-mpp 0.3" in line and "0.25" in line
+    assert not (tmp_path / "n.geojson").exists()
+    config = SegmentConfig(inputs=("s.svs",), output="n.geojson")
+    assert (
+        config.nuclei_factor(0.25) == 2 and config.nuclei_factor(0.5) == 1 and config.nuclei_factor(1.0) == 1
+    )
+    assert SegmentConfig(inputs=("s.svs",), output="n.geojson", nuclei_mpp=0.75).nuclei_factor(0.25) == 3
+
+
 def test_the_smallest_tile_is_the_same_for_the_command_and_the_config(tmp_path: Path) -> None:
     from wsiuda.errors import ConfigError
     from wsiuda.pipelines.segment import SegmentConfig

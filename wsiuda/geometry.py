@@ -50,6 +50,16 @@ class Region:
         y1, x1 = -int(-self.y1 * factor // 1), -int(-self.x1 * factor // 1)
         return Region(y0, x0, y1 - y0, x1 - x0)
 
+    def on_grid(self, step: int, *, origin: tuple[int, int] = (0, 0), within: tuple[int, int]) -> Region:
+        """The region with its edges moved onto a grid of ``step`` px, inside an image of size ``within``.
+
+        The grid's lines lie at multiples of ``step`` in an outer frame in which this region's frame
+        starts at ``origin`` (y, x). Edges move outward, or inward where outward leaves the image.
+        """
+        y0, y1 = _edges_on_grid(self.y, self.y1, step=step, offset=origin[0], size=within[0])
+        x0, x1 = _edges_on_grid(self.x, self.x1, step=step, offset=origin[1], size=within[1])
+        return Region(y0, x0, max(y1 - y0, 0), max(x1 - x0, 0))
+
     def as_slices(self) -> tuple[slice, slice]:
         return (slice(self.y, self.y1), slice(self.x, self.x1))
 
@@ -62,3 +72,14 @@ def scale_factor(slide_mpp: float, target_mpp: float) -> float:
     if slide_mpp <= 0 or target_mpp <= 0:
         raise ValueError(f"mpp must be positive, got slide {slide_mpp}, target {target_mpp}")
     return slide_mpp / target_mpp
+
+
+def _edges_on_grid(start: int, stop: int, *, step: int, offset: int, size: int) -> tuple[int, int]:
+    """[start, stop) of one axis moved onto multiples of ``step`` of the outer frame, within [0, size)."""
+    low = (offset + start) // step * step - offset
+    if low < 0:
+        low += step
+    high = -(-(offset + stop) // step) * step - offset
+    if high > size:
+        high -= step
+    return low, high

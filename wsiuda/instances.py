@@ -54,6 +54,27 @@ def label_nuclei(
     return labels
 
 
+def block_mean(probability: np.ndarray, factor: int) -> np.ndarray:
+    """The probability on a grid ``factor`` times coarser: the mean of each ``factor`` x ``factor`` block
+    (float32). The sides must be multiples of ``factor``."""
+    probability = np.asarray(probability, dtype=np.float32)
+    if factor == 1:
+        return probability
+    height, width = probability.shape
+    if height % factor or width % factor:
+        raise ValueError(f"shape {probability.shape} is not a multiple of {factor}")
+    # OpenCV's area resampling by a whole factor is the block mean, several times faster than numpy's.
+    return np.asarray(
+        cv2.resize(probability, (width // factor, height // factor), interpolation=cv2.INTER_AREA)
+    )
+
+
+def from_grid(points: np.ndarray, factor: int) -> np.ndarray:
+    """(y, x) pixel positions on a grid ``factor`` times coarser → positions on the finer grid (the centre
+    of coarse pixel i is at fine position (i + 0.5) * factor - 0.5)."""
+    return (np.asarray(points, dtype=np.float64) + 0.5) * factor - 0.5
+
+
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """``scipy.ndimage.binary_fill_holes`` with its default structure, ten times faster (timed by hand).
 

@@ -12,6 +12,11 @@ from wsiuda.io.geojson import GEOJSON_SUFFIXES
 
 SCHEDULER_SYNC = "sync"
 
+NUCLEI_MPP = 0.5
+"""Default grid of the nuclei steps, µm/px. The probability is averaged over 2x2 working pixels at 0.25
+µm/px: the split then scores a higher AJI than on the working grid, with the CRF and without it, in about
+a third of the time (benchmarks/results/nuclei_steps.md). A nucleus of 6 µm spans 12 px on it."""
+
 
 @dataclass(frozen=True)
 class SegmentConfig:
@@ -48,6 +53,9 @@ class SegmentConfig:
     """Largest nucleus expected: sets the part of the halo that lets a nucleus be seen whole."""
     split_depth_um: float = 0.5
     """Touching nuclei split where the neck is at least this much narrower (half-width) than the nuclei."""
+    nuclei_mpp: float | None = None
+    """Grid on which nuclei are labelled, split and outlined, µm/px: a whole multiple of the working mpp.
+    None: the multiple nearest :data:`NUCLEI_MPP`."""
     min_tissue: float = 0.05
     """Tiles with less tissue than this fraction are skipped (0 keeps every tile)."""
     gzip: bool = False
@@ -79,6 +87,8 @@ class SegmentConfig:
             raise ConfigError(f"threshold must be in (0, 1), got {self.threshold}")
         if not 0 <= self.min_tissue <= 1:
             raise ConfigError(f"min tissue must be in [0, 1], got {self.min_tissue}")
+        if self.nuclei_mpp is not None and not self.nuclei_mpp > 0:
+            raise ConfigError(f"--nuclei-mpp must be positive, got {self.nuclei_mpp}")
         if self.min_nucleus_area_um2 < 0 or self.split_depth_um < 0:
             raise ConfigError("nucleus area and split depth must be non-negative")
         check_precision(self.precision)
@@ -86,6 +96,19 @@ class SegmentConfig:
             raise ConfigError(f"unknown --backend {self.backend!r} (one of {', '.join(BACKENDS)})")
         if isinstance(self.crf_params, dict):  # rebuilt from YAML
             object.__setattr__(self, "crf_params", CrfParams(**self.crf_params))
+
+    def nuclei_factor(self, working_mpp: float) -> int:
+        """Working px per px of the nuclei grid (see :attr:`nuclei_mpp`)."""
+        if self.nuclei_mpp is None:
+            return max(1, round(NUCLEI_MPP / working_mpp))
+        ratio = self.nuclei_mpp / working_mpp
+        factor = round(ratio)
+        if factor < 1 or abs(ratio - factor) > 1e-3 * ratio:
+            raise ConfigError(
+                f"--nuclei-mpp {self.nuclei_mpp:g} is not a whole multiple of the working {working_mpp:g} "
+                f"µm/px; pass a multiple such as {working_mpp * max(factor, 1):g}, or leave it out"
+            )
+        return factor
 
     @property
     def single_file(self) -> bool:

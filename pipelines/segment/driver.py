@@ -80,6 +80,7 @@ def _segment(
     working_mpp = config.mpp or network.mpp
     if abs(working_mpp / network.mpp - 1) > 0.1:
         log.warning("working at %.3g µm/px but the model was trained at %.3g µm/px", working_mpp, network.mpp)
+    config.nuclei_factor(working_mpp)  # a --nuclei-mpp that does not fit stops the batch here, not per slide
     report = SegmentReport()
     from tqdm import tqdm
 

@@ -55,6 +55,8 @@ def prepare_slide(
     tile, shape, scale = geometry.tile, geometry.shape, geometry.scale
     crf = config.crf_params if config.crf else None
     reach = nucleus_reach_px(config.max_nucleus_diameter_um / working_mpp)
+    factor = config.nuclei_factor(working_mpp)
+    nuclei_mpp = working_mpp * factor
     halo = halo_px(
         receptive_field_px=network.receptive_field_px,
         crf_reach_px=crf_reach_px(crf) if crf is not None else 0,
@@ -76,6 +78,7 @@ def prepare_slide(
         "min_nucleus_area_um2": config.min_nucleus_area_um2,
         "max_nucleus_diameter_um": config.max_nucleus_diameter_um,
         "split_depth_um": config.split_depth_um,
+        "nuclei_mpp": nuclei_mpp,
         "min_tissue": config.min_tissue,
         "blocks": len(blocks),
     }
@@ -99,8 +102,9 @@ def prepare_slide(
         store=str(outputs.store),
         crf=crf,
         threshold=config.threshold,
-        min_area_px=round(config.min_nucleus_area_um2 / working_mpp**2),
-        split_depth_px=config.split_depth_um / working_mpp,
+        nuclei_factor=factor,
+        min_area_px=round(config.min_nucleus_area_um2 / nuclei_mpp**2),
+        split_depth_px=config.split_depth_um / nuclei_mpp,
         nucleus_reach_px=reach,
         crf_reach_px=crf_reach_px(crf) if crf is not None else 0,
         threads=1 if threads_per_worker(config) else 0,
@@ -128,6 +132,7 @@ def prepare_slide(
             "shape": list(shape),
             "tile": tile,
             "halo": halo,
+            "nuclei_mpp": nuclei_mpp,
             "window": window_size(tile=tile, halo=halo, align=network.align),
         },
     }

@@ -38,8 +38,12 @@ class SlideJob:
     store: str
     crf: CrfParams | None
     threshold: float
+    nuclei_factor: int
+    """Working px per px of the grid the nuclei are labelled and outlined on (SegmentConfig.nuclei_mpp)."""
     min_area_px: int
+    """Smallest nucleus, in px of the nuclei grid."""
     split_depth_px: float
+    """Split depth, in px of the nuclei grid."""
     nucleus_reach_px: int
     """How far an owned nucleus can reach past the core (the nucleus share of the halo)."""
     crf_reach_px: int
@@ -56,11 +60,13 @@ class SlideJob:
 
         Each step works on the smallest part of the window it needs: nuclei only where an owned nucleus
         can be (the core grown by the nucleus reach), the CRF only that plus its reach. The outer margin
-        of the window served the network alone.
+        of the window served the network alone. The nuclei box lies on the slide-wide nuclei grid, so
+        that every block sees a nucleus on the same grid and labels it alike.
         """
         shape = block.window.shape
         # +1: an edge to see where the box cuts a nucleus.
-        nuclei_box = block.core_in_window.grow(self.nucleus_reach_px + 1).clip(*shape)
+        wanted = block.core_in_window.grow(self.nucleus_reach_px + 1).clip(*shape)
+        nuclei_box = wanted.on_grid(self.nuclei_factor, origin=(block.window.y, block.window.x), within=shape)
         if self.crf is None:
             return nuclei_box, nuclei_box
         return nuclei_box, nuclei_box.grow(self.crf_reach_px).clip(*shape)
@@ -143,27 +149,33 @@ def _finish_block(
     # Imported here, not with this module, and once the CRF is in its helper: their libraries (scipy,
     # scikit-image) then load while the first tiles are in the network and the CRF, not before the model
     # can start, and not while a core idles.
-    from wsiuda.instances import centroids, label_nuclei, owned_nuclei
+    from wsiuda.instances import block_mean, centroids, from_grid, label_nuclei, owned_nuclei
     from wsiuda.polygons import nucleus_polygons
 
     refined = crf.result()[inner.as_slices()] if crf is not None else probability[nuclei_box.as_slices()]
     stats["crf_s"], clock = _lap(clock)
 
+    factor = job.nuclei_factor
+    on_nuclei_grid = block_mean(refined, factor)
     labels = label_nuclei(
-        refined, threshold=job.threshold, min_area_px=job.min_area_px, split_depth_px=job.split_depth_px
+        on_nuclei_grid,
+        threshold=job.threshold,
+        min_area_px=job.min_area_px,
+        split_depth_px=job.split_depth_px,
     )
     ids, points = centroids(labels)
-    core_in_labels = _within(core, nuclei_box)
-    owned, _ = owned_nuclei(labels, core_in_labels, ids=ids, points=points)
+    points = from_grid(points, factor)  # ownership and ids are decided in working px, as the cores are
+    core_in_box = _within(core, nuclei_box)
+    owned, _ = owned_nuclei(labels, core_in_box, ids=ids, points=points)
     stats["instances_s"], clock = _lap(clock)
 
-    origin = (window.y + nuclei_box.y, window.x + nuclei_box.x)  # of the labels, in the working frame
+    origin = (window.y + nuclei_box.y, window.x + nuclei_box.x)  # of the box, in the working frame
     shapes = nucleus_polygons(
         labels,
         owned,
-        probability=probability[nuclei_box.as_slices()],
-        origin=origin,
-        scale=job.scale,
+        probability=on_nuclei_grid,
+        origin=(origin[0] // factor, origin[1] // factor),
+        scale=job.scale / factor,
         level0_mpp=job.level0_mpp,
         level0_shape=job.level0_shape,
     )
@@ -186,8 +198,8 @@ def _finish_block(
     store.write_tile(
         block.index,
         block.core,
-        probability=refined[core_in_labels.as_slices()],
-        labels=_global_labels(labels, ids, points, origin, core_in_labels, job.shape),
+        probability=refined[core_in_box.as_slices()],
+        labels=_global_labels(labels, ids, points, origin, core_in_box, job.shape, factor=factor),
         features=features,
         stats=stats,
     )
@@ -230,10 +242,14 @@ def _global_labels(
     origin: tuple[int, int],
     core: Region,
     shape: tuple[int, int],
+    *,
+    factor: int = 1,
 ) -> np.ndarray:
-    """The core's labels renumbered slide-wide: a nucleus's id is 1 + the working-grid index of its centroid.
+    """The core's labels on the working grid, renumbered slide-wide: a nucleus's id is 1 + the working-grid
+    index of its centroid.
 
-    ``origin`` places the labels in the working frame and ``core`` is given in the labels' frame. Every
+    ``labels`` lie on a grid ``factor`` times coarser than the working one, from ``origin`` in the working
+    frame; ``points`` are their centroids and ``core`` the core, both in working px from ``origin``. Every
     block that sees a nucleus whole computes the same centroid, so a nucleus spanning cores keeps one id.
     """
     dtype = label_dtype(shape)
@@ -242,7 +258,14 @@ def _global_labels(
         y = np.clip(np.floor(points[:, 0] + origin[0]), 0, shape[0] - 1).astype(np.uint64)
         x = np.clip(np.floor(points[:, 1] + origin[1]), 0, shape[1] - 1).astype(np.uint64)
         lookup[ids] = (y * np.uint64(shape[1]) + x + np.uint64(1)).astype(dtype)
-    return lookup[labels[core.as_slices()]]
+    rows = np.arange(core.y, core.y1) // factor
+    cols = np.arange(core.x, core.x1) // factor
+    # Each coarse pixel repeated over the working pixels it covers: the core's rows, then its columns.
+    return (
+        lookup[labels[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]]
+        .take(rows - rows[0], axis=0)
+        .take(cols - cols[0], axis=1)
+    )
 
 
 def binary_entropy(probability: np.ndarray) -> np.ndarray:
