@@ -33,6 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -200,7 +201,7 @@ def main() -> None:
     from wsiuda import instances, polygons
     from wsiuda.allocator import collect_garbage_less_often, reuse_freed_memory
     from wsiuda.geometry import Region
-    from wsiuda.io.geojson import dump_feature, feature_id, nucleus_feature
+    from wsiuda.io.geojson import FEATURE_NAMESPACE, dump_feature, feature_id, feature_lines, nucleus_feature
     from wsiuda.io.maskstore import TILE_STATS, MaskStore, to_uint8
     from wsiuda.overlay import draw_outlines
     from wsiuda.pipelines.segment import binary_entropy
@@ -336,6 +337,29 @@ def main() -> None:
             lambda: features_of(shapes)
         ),
         "dump_feature": lambda: [[dump_feature(f) for f in tile] for tile in features],
+        "GeoJSON text with ids: feature_lines (now)": lambda: [
+            feature_lines(
+                [s.polygon for s in tile],
+                feature_ids=[feature_id("bench", *s.centroid) for s in tile],
+                measurements=[s.measurements for s in tile],
+            )
+            for tile in shapes
+        ],
+        "  nucleus_feature, then dump_feature, ids from uuid.uuid5 (before)": lambda: [
+            [
+                dump_feature(
+                    nucleus_feature(
+                        s.polygon,
+                        feature_uuid=str(
+                            uuid.uuid5(FEATURE_NAMESPACE, "bench:{:.2f}:{:.2f}".format(*s.centroid))
+                        ),
+                        measurements=s.measurements,
+                    )
+                )
+                for s in tile
+            ]
+            for tile in shapes
+        ],
         "store write (probability, labels, features), chunk files (now)": write_tiles,
         "  through zarr's own writes (before)": write_tiles_through_zarr,
         "entropy of the core over its tissue, every second row and column (now)": lambda: [

@@ -14,7 +14,15 @@ from conftest import needs_full_disk, open_on_full_disk
 from shapely.geometry import Polygon, shape
 
 from wsiuda.errors import OutputError
-from wsiuda.io.geojson import GeoJsonWriter, feature_id, iter_feature_lines, load_features, nucleus_feature
+from wsiuda.io.geojson import (
+    FEATURE_NAMESPACE,
+    GeoJsonWriter,
+    feature_id,
+    feature_lines,
+    iter_feature_lines,
+    load_features,
+    nucleus_feature,
+)
 
 SQUARE = Polygon([(10, 10), (20, 10), (20, 20), (10, 20)])
 
@@ -164,6 +172,41 @@ def test_memory_does_not_grow_with_the_number_of_features(tmp_path: Path) -> Non
     assert large < small + 256 * 1024, (small, large)
 
 
+def test_feature_ids_are_uuid5_of_the_slide_and_position() -> None:
+    for key, y, x in [("slide.svs", 15.0, 45.0), ("µ slide.tif", 123456.785, 0.004), ("a", 0.0, 99999.99)]:
+        assert feature_id(key, y, x) == str(uuid.uuid5(FEATURE_NAMESPACE, f"{key}:{y:.2f}:{x:.2f}"))
+
+
+def test_feature_lines_parse_back_to_the_features_the_json_module_writes() -> None:
+    from wsiuda.io.geojson import dump_feature
+
+    polygons = [
+        SQUARE,
+        Polygon(
+            [(0.25, 1.5), (40, 0.75), (40.01, 30), (0, 30)], holes=[[(10, 10), (20, 10), (20, 20), (10, 20)]]
+        ),
+        Polygon([(123456.78, 98765.43), (123470.01, 98765.43), (123470.01, 98790.5), (123456.78, 98790.5)]),
+    ]
+    ids = [feature_id("slide.svs", index, index) for index in range(len(polygons))]
+    measurements = [
+        {"Area µm^2": 25.0, "Perimeter µm": 20.1234, "Mean probability": 0.9, "Circularity": 1.0},
+        {"Area µm^2": 1e-4, "Solidity": 0.5},
+        {},
+    ]
+    lines = feature_lines(polygons, feature_ids=ids, measurements=measurements)
+    for line, polygon, feature_uuid, values in zip(lines, polygons, ids, measurements, strict=True):
+        expected = nucleus_feature(polygon, feature_uuid=feature_uuid, measurements=values)
+        assert json.loads(line) == expected
+        assert json.loads(line)["properties"] == json.loads(dump_feature(expected))["properties"]
+        assert "\n" not in line  # one feature, one line, as the store and the writer keep them
+    check_qupath_detection(json.loads(lines[0]))
+    (odd,) = feature_lines([SQUARE], feature_ids=['a "quoted" id'], measurements=[{}])
+    assert json.loads(odd)["id"] == 'a "quoted" id'
+    (named,) = feature_lines([SQUARE], feature_ids=["b"], measurements=[{}], name='50% "odd"')
+    assert json.loads(named)["properties"]["classification"]["name"] == '50% "odd"'
+    assert feature_lines([], feature_ids=[], measurements=[]) == []
+
+
 def test_the_exterior_ring_of_a_serialised_feature_is_its_first_ring() -> None:
     import numpy as np
 
@@ -176,6 +219,8 @@ def test_the_exterior_ring_of_a_serialised_feature_is_its_first_ring() -> None:
         line = dump_feature(nucleus_feature(polygon, feature_uuid="a", measurements={"Area µm^2": 1.0}))
         expected = np.asarray(json.loads(line)["geometry"]["coordinates"][0])
         np.testing.assert_array_equal(exterior_ring(line), expected)
+        (written,) = feature_lines([polygon], feature_ids=["a"], measurements=[{"Area µm^2": 1.0}])
+        np.testing.assert_array_equal(exterior_ring(written), expected)
     # Another key order: parsed whole.
     line = json.dumps({"geometry": {"coordinates": [[[1, 2], [3, 4], [5, 7], [1, 2]]], "type": "Polygon"}})
     np.testing.assert_array_equal(exterior_ring(line), [[1, 2], [3, 4], [5, 7], [1, 2]])

@@ -16,7 +16,7 @@ from wsiuda.blocks import Block
 from wsiuda.crf import CrfParams
 from wsiuda.errors import ModelError
 from wsiuda.geometry import Region
-from wsiuda.io.geojson import dump_feature, feature_id, nucleus_feature
+from wsiuda.io.geojson import feature_id, feature_lines
 from wsiuda.io.maskstore import MaskStore, label_dtype
 from wsiuda.pipelines.crf_helper import PendingCrf
 from wsiuda.pipelines.segment.model import Predictor, forward_slots
@@ -179,16 +179,11 @@ def _finish_block(
         level0_mpp=job.level0_mpp,
         level0_shape=job.level0_shape,
     )
-    features = [
-        dump_feature(
-            nucleus_feature(
-                shape.polygon,
-                feature_uuid=feature_id(job.key, *shape.centroid),
-                measurements=shape.measurements,
-            )
-        )
-        for shape in shapes
-    ]
+    features = feature_lines(
+        [shape.polygon for shape in shapes],
+        feature_ids=[feature_id(job.key, *shape.centroid) for shape in shapes],
+        measurements=[shape.measurements for shape in shapes],
+    )
     stats["polygons_s"], clock = _lap(clock)
 
     stats["nuclei"] = len(features)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import io
 import json
 import uuid
@@ -27,13 +28,19 @@ NUCLEUS_COLOR = (200, 0, 90)
 
 # uuid5 namespace of wsiuda feature ids: the same slide and position give the same id on every run.
 FEATURE_NAMESPACE = uuid.UUID("6b1f3c1e-3a5f-5b59-9d7e-8a4b2c1d0e57")
+_NAMESPACE_BYTES = FEATURE_NAMESPACE.bytes
 
 GEOJSON_SUFFIXES = (".geojson", ".geojson.gz", ".json", ".json.gz")
 
 
 def feature_id(slide_key: str, y: float, x: float) -> str:
-    """A deterministic UUID for the object at level-0 (y, x) of a slide."""
-    return str(uuid.uuid5(FEATURE_NAMESPACE, f"{slide_key}:{y:.2f}:{x:.2f}"))
+    """A deterministic UUID for the object at level-0 (y, x) of a slide: ``uuid.uuid5`` of
+    "key:y:x" in :data:`FEATURE_NAMESPACE`, written out from the SHA-1 digest directly (without the UUID
+    object: a third of the time, once per nucleus)."""
+    digest = hashlib.sha1(_NAMESPACE_BYTES + f"{slide_key}:{y:.2f}:{x:.2f}".encode()).hexdigest()
+    # RFC 4122: version 5 in the 13th hex digit, the variant's two top bits (10) in the 17th.
+    variant = "89ab"[int(digest[16], 16) & 3]
+    return f"{digest[:8]}-{digest[8:12]}-5{digest[13:16]}-{variant}{digest[17:20]}-{digest[20:32]}"
 
 
 def polygon_coordinates(polygon: Polygon) -> list[list[list[float]]]:
@@ -65,9 +72,67 @@ def nucleus_feature(
     }
 
 
+def feature_lines(
+    polygons: Sequence[Polygon],
+    *,
+    feature_ids: Sequence[str],
+    measurements: Sequence[Mapping[str, float]],
+    name: str = "Nucleus",
+    color: Sequence[int] = NUCLEUS_COLOR,
+) -> list[str]:
+    """:func:`dump_feature` of :func:`nucleus_feature` for each polygon: the same JSON values in the same
+    layout, written with format strings instead of the json module, in a fraction of the time on a tile's
+    nuclei (nuclei_steps.md).
+
+    Coordinates are written with 10 significant digits: every value on the 0.01 px grid below 10^8 px
+    reads back as the number ``json`` writes (a whole number without its ".0"). Measurements are written as
+    ``json`` writes them, as floats.
+    """
+    shapes = np.asarray(polygons, dtype=object).reshape(-1)
+    # All exteriors' coordinates in one GEOS call, cut into rings by their counts.
+    exteriors = shapely.get_exterior_ring(shapes)
+    ends = np.cumsum(shapely.get_num_coordinates(exteriors)).tolist()
+    flat = shapely.get_coordinates(exteriors).ravel().tolist()
+    holes = shapely.get_num_interior_rings(shapes).tolist()
+    head = '{"type":"Feature","id":%s,"geometry":{"type":"Polygon","coordinates":[%s]},'
+    classification = _json_text({"name": name, "color": [int(c) for c in color]}).replace("%", "%%")
+    tail = (
+        f'"properties":{{"objectType":"detection","classification":{classification},"measurements":{{%s}}}}}}'
+    )
+    keys: dict[str, str] = {}
+    lines = []
+    start = 0
+    for index, end in enumerate(ends):
+        rings = _ring_text(flat[2 * start : 2 * end])
+        if holes[index]:
+            rings += "".join(
+                "," + _ring_text(shapely.get_coordinates(ring).ravel().tolist())
+                for ring in shapes[index].interiors
+            )
+        values = ",".join(
+            f"{keys.get(key) or keys.setdefault(key, _json_text(key))}:{float(value)!r}"
+            for key, value in measurements[index].items()
+        )
+        feature_uuid = feature_ids[index]
+        # A UUID needs no escaping: written as it is, else through json.
+        quoted = f'"{feature_uuid}"' if feature_uuid.replace("-", "").isalnum() else _json_text(feature_uuid)
+        lines.append(head % (quoted, rings) + tail % values)
+        start = end
+    return lines
+
+
+def _ring_text(xy: list[float]) -> str:
+    """[[x,y],...] of a ring's flat coordinates."""
+    return "[" + ("[%.10g,%.10g]," * (len(xy) // 2))[:-1] % tuple(xy) + "]"
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def dump_feature(feature: Mapping[str, Any]) -> str:
     """One feature as compact JSON on one line (UTF-8: µ stays as it is, as QuPath writes it)."""
-    return json.dumps(feature, ensure_ascii=False, separators=(",", ":"))
+    return _json_text(feature)
 
 
 class GeoJsonWriter:
