@@ -23,8 +23,10 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 import numpy as np
 
@@ -53,37 +55,77 @@ def crf_in_helper(
 class PendingCrf:
     """A CRF started in one of ``helpers`` helpers (where this process can have them; 0: none), so that
     the caller can go on until :meth:`result`. Without a helper it runs in :meth:`result`, in the calling
-    thread."""
+    thread.
+
+    With ``then``, :meth:`result` is ``then(refined, *arguments)`` instead of the refined probability, and a
+    helper runs ``then`` too, right after the CRF: the work after the CRF then runs in the helper's own
+    process and GIL, not beside the worker's forward passes (``then`` and ``arguments`` must pickle).
+    """
 
     def __init__(
-        self, image: np.ndarray, probability: np.ndarray, params: CrfParams, *, helpers: int = 1
+        self,
+        image: np.ndarray,
+        probability: np.ndarray,
+        params: CrfParams,
+        *,
+        helpers: int = 1,
+        then: Callable[..., Any] | None = None,
+        arguments: tuple[Any, ...] = (),
     ) -> None:
         self._arguments = (image, probability, params)
         self._shape = probability.shape
+        self._then = then, arguments
         helper = _helper(helpers) if helpers > 0 else None
-        self._future: Future[np.ndarray] | None = None
+        self._future: Future[Any] | None = None
         if helper is not None:
             try:
                 if params.uncertain_margin is None:
-                    # The helper gets and returns the CRF's own coarser grid (a sixth of the bytes by
-                    # default): pickling whole crops through the pipe cost a tile ~60 ms of CPU (timed by
-                    # hand).
+                    # The helper gets the CRF's own coarser grid (a sixth of the bytes by default), and
+                    # returns it unless it goes on with ``then``: pickling whole crops through the pipe
+                    # cost a tile ~60 ms of CPU (timed by hand).
                     coarse = to_crf_grid(image, probability, params)
-                    self._future = helper.submit(crf_on_grid, *coarse, params)
+                    self._future = helper.submit(
+                        _crf_on_grid_then, *coarse, params, self._shape, then, arguments
+                    )
                 else:
-                    self._future = helper.submit(dense_crf, image, probability, params)
+                    self._future = helper.submit(_dense_crf_then, image, probability, params, then, arguments)
             except BrokenProcessPool:
                 _helper_died()
 
-    def result(self) -> np.ndarray:
+    def result(self) -> Any:
         if self._future is not None:
             try:
-                refined = self._future.result()
+                outcome = self._future.result()
             except BrokenProcessPool:
                 _helper_died()
             else:
-                return from_crf_grid(refined, self._shape)
-        return dense_crf(*self._arguments)
+                on_grid = self._then[0] is None and self._arguments[2].uncertain_margin is None
+                return from_crf_grid(outcome, self._shape) if on_grid else outcome
+        return _dense_crf_then(*self._arguments, *self._then)
+
+
+def _crf_on_grid_then(
+    image: np.ndarray,
+    probability: np.ndarray,
+    params: CrfParams,
+    shape: tuple[int, int],
+    then: Callable[..., Any] | None,
+    arguments: tuple[Any, ...],
+) -> Any:
+    """In a helper: the CRF on its grid, returned as it is, or brought back to ``shape`` for ``then``."""
+    refined = crf_on_grid(image, probability, params)
+    return refined if then is None else then(from_crf_grid(refined, shape), *arguments)
+
+
+def _dense_crf_then(
+    image: np.ndarray,
+    probability: np.ndarray,
+    params: CrfParams,
+    then: Callable[..., Any] | None,
+    arguments: tuple[Any, ...],
+) -> Any:
+    refined = dense_crf(image, probability, params)
+    return refined if then is None else then(refined, *arguments)
 
 
 def start_helpers(helpers: int) -> None:

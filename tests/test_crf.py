@@ -150,6 +150,46 @@ def test_the_crf_helper_process_gives_the_worker_the_same_result() -> None:
     assert crf_helper._HELPER is None
 
 
+def test_the_crf_grid_repeats_every_few_pixels() -> None:
+    from wsiuda.crf import crf_grid_period
+
+    periods = {2.5: 5, 2.0: 2, 1.5: 3, 1.0: 1, 4.0: 4}
+    assert {d: crf_grid_period(CrfParams(downsample=d)) for d in periods} == periods
+    assert crf_grid_period(CrfParams(downsample=2.5, uncertain_margin=0.3)) == 1
+
+
+def process_and_threshold(refined: np.ndarray, threshold: float) -> tuple[int, np.ndarray]:
+    """A step after the CRF, as a helper would run it: where it ran, and the refined mask."""
+    import os
+
+    return os.getpid(), refined > threshold
+
+
+@pytest.mark.parametrize("margin", [None, 0.3])
+def test_a_step_after_the_crf_runs_in_the_helper_on_the_full_refined_crop(margin: float | None) -> None:
+    import os
+
+    from wsiuda.pipelines import crf_helper
+
+    image, _, probability = scene(seed=8)
+    params = CrfParams(downsample=2, uncertain_margin=margin, block=64)
+    try:
+        pid, mask = crf_helper.PendingCrf(
+            image, probability, params, helpers=1, then=process_and_threshold, arguments=(0.5,)
+        ).result()
+    finally:
+        crf_helper.shutdown_helper()
+    assert pid != os.getpid()
+    np.testing.assert_array_equal(mask, dense_crf(image, probability, params) > 0.5)
+    # Without a helper, the step runs here on the same refined crop.
+    here = crf_helper.PendingCrf(
+        image, probability, params, helpers=0, then=process_and_threshold, arguments=(0.5,)
+    )
+    pid, mask_here = here.result()
+    assert pid == os.getpid()
+    np.testing.assert_array_equal(mask_here, mask)
+
+
 def test_tasks_side_by_side_get_a_crf_helper_each() -> None:
     from concurrent.futures import ThreadPoolExecutor
 

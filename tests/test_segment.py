@@ -125,10 +125,13 @@ BORDER_DISKS = [
 ]
 
 
-def test_each_disk_across_tile_borders_and_corners_is_one_polygon(tmp_path: Path) -> None:
+@pytest.mark.parametrize("crf", [False, True])
+def test_each_disk_across_tile_borders_and_corners_is_one_polygon(tmp_path: Path, crf: bool) -> None:
     slide = write_slide(tmp_path / "disks.svs", disk_image((360, 380), BORDER_DISKS), mpp=0.25, app_mag=40)
     report = segment(
-        sync_config([slide], tmp_path / "out.geojson"), predictor=DarkPredictor(), network=DARK_NETWORK
+        sync_config([slide], tmp_path / "out.geojson", crf=crf),
+        predictor=DarkPredictor(),
+        network=DARK_NETWORK,
     )
     assert not report.failures
     polygons = [shape(f["geometry"]) for f in load_features(tmp_path / "out.geojson")]
@@ -184,6 +187,47 @@ def test_tiled_labels_equal_the_whole_image_labelled_on_the_nuclei_grid(
     assert len(load_features(tmp_path / "out.geojson")) == whole.max()
     summary = json.loads((tmp_path / "out.summary.json").read_text())
     assert summary["working"]["nuclei_mpp"] == pytest.approx(nuclei_mpp)
+
+
+def test_work_boxes_lie_on_the_slide_wide_nuclei_and_crf_grids() -> None:
+    from wsiuda.blocks import grid_cores, plan_blocks
+    from wsiuda.crf import DEFAULT_CRF, crf_reach_px
+    from wsiuda.geometry import Region
+    from wsiuda.pipelines.segment.tasks import SlideJob, alignment_px
+
+    reach, crf_reach = 43, crf_reach_px(DEFAULT_CRF)
+    halo = 100 + crf_reach + reach + alignment_px(2, DEFAULT_CRF)
+    blocks = plan_blocks(grid_cores((700, 900), tile=137), tile=137, halo=halo, align=16)
+    job = SlideJob(
+        **dict.fromkeys(("source", "key", "store"), ""),  # type: ignore[arg-type]
+        scale=1.0,
+        level0_mpp=0.25,
+        working_mpp=0.25,
+        shape=(700, 900),
+        level0_shape=(700, 900),
+        crf=DEFAULT_CRF,
+        threshold=0.5,
+        nuclei_factor=2,
+        min_area_px=24,
+        split_depth_px=1.0,
+        nucleus_reach_px=reach,
+        crf_reach_px=crf_reach,
+    )
+    assert len(blocks) == 6 * 7
+    for block in blocks:
+        nuclei, crf = job.work_boxes(block)
+        assert crf.contains(nuclei) and nuclei.contains(block.core_in_window.grow(reach + 1))
+        # In the slide's frame: the nuclei box on multiples of 2, the CRF box on multiples of 10 (2 CRF
+        # px at 2.5 working px each, and 5 nuclei px), and both inside the window.
+        for work_box, step in ((nuclei, 2), (crf, 10)):
+            edges = (
+                block.window.y + work_box.y,
+                block.window.x + work_box.x,
+                work_box.height,
+                work_box.width,
+            )
+            assert all(edge % step == 0 for edge in edges), (block.index, work_box)
+            assert Region(0, 0, *block.window.shape).contains(work_box)
 
 
 # ----------------------------------------------------------------------------------------- coordinates
@@ -307,6 +351,37 @@ def test_outputs_are_what_qupath_napari_and_users_read(tmp_path: Path) -> None:
     assert summary["slide"]["mpp"] == pytest.approx(0.5)
     saved = (out / "segment.yaml").read_text()
     assert "command: segment" in saved and "crf_params" in saved
+
+
+def test_the_work_after_the_crf_gives_the_same_outputs_in_its_helper_as_in_the_worker(tmp_path: Path) -> None:
+    """A local worker that runs two tasks at once hands each tile to a CRF helper process, which goes on
+    with the nuclei and the store write; run in this process (sync), every step runs here."""
+    import dask.array as da
+    from synthetic import synthetic_he
+
+    from wsiuda.pipelines.segment.cluster import crf_helpers_per_worker
+
+    slide = write_slide(
+        tmp_path / "s.svs", synthetic_he((384, 512), seed=11, tissue=0.6), mpp=0.25, app_mag=40
+    )
+    runs = {
+        "helpers": sync_config(
+            [slide], tmp_path / "helpers" / "n.geojson", crf=True, scheduler=None, workers=1
+        ),
+        "here": sync_config([slide], tmp_path / "here" / "n.geojson", crf=True),
+    }
+    if not crf_helpers_per_worker(runs["helpers"]):
+        pytest.skip("one core: a local worker runs one task at a time, without CRF helpers")
+    for config in runs.values():
+        assert not segment(config, predictor=DarkPredictor(), network=DARK_NETWORK).failures
+    helpers, here = (tmp_path / name for name in runs)
+    assert (helpers / "n.geojson").read_bytes() == (here / "n.geojson").read_bytes()
+    assert len(load_features(here / "n.geojson")) > 20
+    for array in ("labels/nuclei/0", "probability"):
+        np.testing.assert_array_equal(
+            da.from_zarr(str(helpers / "n.mask.zarr"), component=array).compute(),
+            da.from_zarr(str(here / "n.mask.zarr"), component=array).compute(),
+        )
 
 
 def test_a_tile_store_segments_like_its_slide(tmp_path: Path) -> None:

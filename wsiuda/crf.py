@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import cv2
 import numpy as np
@@ -90,6 +91,18 @@ def crf_reach_px(params: CrfParams) -> int:
     outside the tile.
     """
     return math.ceil(KERNEL_TRUNCATE * max(params.theta_alpha, params.theta_gamma))
+
+
+def crf_grid_period(params: CrfParams) -> int:
+    """The fewest pixels that span a whole number of pixels of the grid the CRF runs on (5 for a
+    downsample of 2.5; 1 at full resolution or in the uncertain-blocks mode).
+
+    Crops whose edges lie on multiples of it in one frame are resampled onto one shared CRF grid: where
+    crops overlap, the CRF sees the same coarse pixels and refines them alike.
+    """
+    if params.downsample == 1 or params.uncertain_margin is not None:
+        return 1
+    return Fraction(params.downsample).limit_denominator(1000).numerator
 
 
 def dense_crf(image: np.ndarray, probability: np.ndarray, params: CrfParams) -> np.ndarray:

@@ -50,6 +50,10 @@ class Region:
         y1, x1 = -int(-self.y1 * factor // 1), -int(-self.x1 * factor // 1)
         return Region(y0, x0, y1 - y0, x1 - x0)
 
+    def contains(self, other: Region) -> bool:
+        """Whether ``other`` (in the same frame) lies wholly inside this region."""
+        return self.y <= other.y and self.x <= other.x and other.y1 <= self.y1 and other.x1 <= self.x1
+
     def on_grid(self, step: int, *, origin: tuple[int, int] = (0, 0), within: tuple[int, int]) -> Region:
         """The region with its edges moved onto a grid of ``step`` px, inside an image of size ``within``.
 

@@ -23,7 +23,7 @@ from wsiuda.pipelines.segment.config import SegmentConfig
 from wsiuda.pipelines.segment.model import NetworkInfo
 from wsiuda.pipelines.segment.outputs import SlideOutputs, SlideResult
 from wsiuda.pipelines.segment.sources import SourceSpec
-from wsiuda.pipelines.segment.tasks import SlideJob, TissueCrop
+from wsiuda.pipelines.segment.tasks import SlideJob, TissueCrop, alignment_px
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def prepare_slide(
     halo = halo_px(
         receptive_field_px=network.receptive_field_px,
         crf_reach_px=crf_reach_px(crf) if crf is not None else 0,
-        nucleus_reach_px=reach,
+        nucleus_reach_px=reach + alignment_px(factor, crf),
     )
     cores = [core.clip(*shape) for core in geometry.cores]
     blocks = plan_blocks(

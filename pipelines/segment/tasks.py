@@ -6,6 +6,9 @@ model taken from the worker's own cache, so nothing unpicklable enters the graph
 
 from __future__ import annotations
 
+import math
+import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from wsiuda.blocks import Block
-from wsiuda.crf import CrfParams
+from wsiuda.crf import CrfParams, crf_grid_period
 from wsiuda.errors import ModelError
 from wsiuda.geometry import Region
 from wsiuda.io.geojson import feature_id, feature_lines
@@ -60,16 +63,34 @@ class SlideJob:
 
         Each step works on the smallest part of the window it needs: nuclei only where an owned nucleus
         can be (the core grown by the nucleus reach), the CRF only that plus its reach. The outer margin
-        of the window served the network alone. The nuclei box lies on the slide-wide nuclei grid, so
-        that every block sees a nucleus on the same grid and labels it alike.
+        of the window served the network alone.
+
+        Both boxes lie on slide-wide grids: the nuclei box on the nuclei grid, the CRF box on the CRF's
+        grid too, so that blocks that see the same nucleus see it on the same pixels and refine and label
+        it alike. On a CRF grid of each block's own, blocks refined a nucleus on a core's border
+        differently, each put its centroid in the other's core, and neither wrote it.
         """
         shape = block.window.shape
+        origin = (block.window.y, block.window.x)
         # +1: an edge to see where the box cuts a nucleus.
         wanted = block.core_in_window.grow(self.nucleus_reach_px + 1).clip(*shape)
-        nuclei_box = wanted.on_grid(self.nuclei_factor, origin=(block.window.y, block.window.x), within=shape)
+        nuclei_box = wanted.on_grid(self.nuclei_factor, origin=origin, within=shape)
         if self.crf is None:
             return nuclei_box, nuclei_box
-        return nuclei_box, nuclei_box.grow(self.crf_reach_px).clip(*shape)
+        crf_box = nuclei_box.grow(self.crf_reach_px).clip(*shape)
+        on_grid = crf_box.on_grid(grids_step(self.nuclei_factor, self.crf), origin=origin, within=shape)
+        # Where the window's edge moved the box in past the nuclei, it keeps its own grid instead.
+        return nuclei_box, on_grid if on_grid.contains(nuclei_box) else crf_box
+
+
+def grids_step(nuclei_factor: int, crf: CrfParams | None) -> int:
+    """The step (working px) of the grid whose lines lie on both the nuclei grid and the CRF's grid."""
+    return math.lcm(nuclei_factor, crf_grid_period(crf) if crf is not None else 1)
+
+
+def alignment_px(nuclei_factor: int, crf: CrfParams | None) -> int:
+    """How far (px) moving the work boxes onto their grids may grow them: a part of the halo."""
+    return nuclei_factor - 1 + grids_step(nuclei_factor, crf) - 1
 
 
 @dataclass(frozen=True)
@@ -136,25 +157,63 @@ def _finish_block(
     stats: dict[str, float],
 ) -> int:
     """CRF, nuclei, ownership, polygons and the store write of one predicted block (on the boxes of
-    :meth:`SlideJob.work_boxes`)."""
-    window = block.window
-    core = block.core_in_window
+    :meth:`SlideJob.work_boxes`); returns its nuclei.
+
+    Where the CRF runs in a helper process, the helper goes on with the rest (:func:`_into_store`): that
+    is Python-heavy work, which in the worker would hold the GIL that the other task's forward pass needs
+    between its operations.
+    """
     nuclei_box, crf_box = job.work_boxes(block)
-    inner = _within(nuclei_box, crf_box)
-    clock = time.perf_counter()
-    crf = None
-    if job.crf is not None:
-        crf_slices = crf_box.as_slices()
-        crf = PendingCrf(image[crf_slices], probability[crf_slices], job.crf, helpers=job.crf_helpers)
-    # Imported here, not with this module, and once the CRF is in its helper: their libraries (scipy,
-    # scikit-image) then load while the first tiles are in the network and the CRF, not before the model
-    # can start, and not while a core idles.
+    stats["entropy_sum"], stats["tissue_px"] = _entropy_over_tissue(
+        probability[block.core_in_window.as_slices()], block.core, tissue
+    )
+    if job.crf is None:
+        stats["crf_s"] = 0.0
+        return _into_store(probability[nuclei_box.as_slices()], job, block, stats, store=store)
+    crf_slices = crf_box.as_slices()
+    pending = PendingCrf(
+        image[crf_slices],
+        probability[crf_slices],
+        job.crf,
+        helpers=job.crf_helpers,
+        then=_crf_box_into_store,
+        arguments=(job, block, stats, time.monotonic()),
+    )
+    return int(pending.result())
+
+
+def _crf_box_into_store(
+    refined: np.ndarray, job: SlideJob, block: Block, stats: dict[str, float], started: float
+) -> int:
+    """:func:`_into_store` of a block's CRF-refined CRF box; runs where the CRF ran. ``started`` is when
+    the CRF was asked for (``time.monotonic``, one clock for every process of the machine)."""
+    stats["crf_s"] = time.monotonic() - started
+    nuclei_box, crf_box = job.work_boxes(block)
+    return _into_store(refined[_within(nuclei_box, crf_box).as_slices()], job, block, stats)
+
+
+def _into_store(
+    refined: np.ndarray,
+    job: SlideJob,
+    block: Block,
+    stats: dict[str, float],
+    *,
+    store: MaskStore | None = None,
+) -> int:
+    """Nuclei, ownership, polygons and the store write of a block's refined nuclei box; returns the
+    block's nuclei. Without ``store``, the job's store is opened (once per process, see _open_store)."""
+    # Imported here, not with this module: their libraries (scipy, scikit-image) then load while the
+    # first tiles are in the network and the CRF, not before the model can start.
     from wsiuda.instances import block_mean, centroids, from_grid, label_nuclei, owned_nuclei
     from wsiuda.polygons import nucleus_polygons
 
-    refined = crf.result()[inner.as_slices()] if crf is not None else probability[nuclei_box.as_slices()]
-    stats["crf_s"], clock = _lap(clock)
+    if job.threads:
+        import cv2
 
+        cv2.setNumThreads(job.threads)
+    clock = time.perf_counter()
+    window = block.window
+    nuclei_box, _ = job.work_boxes(block)
     factor = job.nuclei_factor
     on_nuclei_grid = block_mean(refined, factor)
     labels = label_nuclei(
@@ -165,7 +224,7 @@ def _finish_block(
     )
     ids, points = centroids(labels)
     points = from_grid(points, factor)  # ownership and ids are decided in working px, as the cores are
-    core_in_box = _within(core, nuclei_box)
+    core_in_box = _within(block.core_in_window, nuclei_box)
     owned, _ = owned_nuclei(labels, core_in_box, ids=ids, points=points)
     stats["instances_s"], clock = _lap(clock)
 
@@ -187,10 +246,7 @@ def _finish_block(
     stats["polygons_s"], clock = _lap(clock)
 
     stats["nuclei"] = len(features)
-    stats["entropy_sum"], stats["tissue_px"] = _entropy_over_tissue(
-        probability[core.as_slices()], block.core, tissue
-    )
-    store.write_tile(
+    (store or _open_store(job.store)).write_tile(
         block.index,
         block.core,
         probability=refined[core_in_box.as_slices()],
@@ -199,6 +255,22 @@ def _finish_block(
         stats=stats,
     )
     return len(features)
+
+
+_OPEN_STORES: dict[str, tuple[tuple[int, int], MaskStore]] = {}
+_OPEN_STORES_LOCK = threading.Lock()
+
+
+def _open_store(path: str) -> MaskStore:
+    """The mask store at ``path``, opened once per process (2-3 ms a time) and opened again where the store
+    on disk has been made anew since (--overwrite) or its metadata rewritten."""
+    root = os.stat(os.path.join(path, "zarr.json"))
+    version = (root.st_ino, root.st_mtime_ns)
+    with _OPEN_STORES_LOCK:
+        known = _OPEN_STORES.get(path)
+        if known is None or known[0] != version:
+            known = _OPEN_STORES[path] = (version, MaskStore.open(path))
+        return known[1]
 
 
 ENTROPY_STRIDE = 2
