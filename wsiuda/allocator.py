@@ -20,7 +20,7 @@ milliseconds. With Python's default thresholds the cyclic collector runs over a 
 every few hundred runs it walks every object that torch, Dask and the model hold.
 :func:`collect_garbage_less_often` raises the thresholds (:data:`GC_THRESHOLDS`); reference counting still
 frees those objects at once, and cycles are still collected, later. On a 2-core AMD EPYC, a dense tile's
-GeoJSON features took 10.3 ms instead of 43.1 (benchmarks/results/nuclei_steps.md); end to end, on the
+GeoJSON features took 8.2 ms instead of 33.3 (benchmarks/results/nuclei_steps.md); end to end, on the
 100-tile generated slide and on CMU-1-Small-Region, the difference is within the machine's noise
 (benchmarks/results/segment_throughput.md).
 
