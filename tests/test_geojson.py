@@ -172,6 +172,20 @@ def test_memory_does_not_grow_with_the_number_of_features(tmp_path: Path) -> Non
     assert large < small + 256 * 1024, (small, large)
 
 
+def test_lines_written_together_read_back_as_lines_written_one_by_one(tmp_path: Path) -> None:
+    lines = [json.dumps(feature(index), ensure_ascii=False, separators=(",", ":")) for index in range(5)]
+    with GeoJsonWriter(tmp_path / "a.geojson") as writer:
+        writer.write_raw(lines[0])
+        writer.write_lines(lines[1:3])
+        writer.write_lines([])
+        writer.write_lines(lines[3:])
+    assert writer.count == 5
+    with GeoJsonWriter(tmp_path / "b.geojson") as writer:
+        for line in lines:
+            writer.write_raw(line)
+    assert (tmp_path / "a.geojson").read_bytes() == (tmp_path / "b.geojson").read_bytes()
+
+
 def test_feature_ids_are_uuid5_of_the_slide_and_position() -> None:
     for key, y, x in [("slide.svs", 15.0, 45.0), ("µ slide.tif", 123456.785, 0.004), ("a", 0.0, 99999.99)]:
         assert feature_id(key, y, x) == str(uuid.uuid5(FEATURE_NAMESPACE, f"{key}:{y:.2f}:{x:.2f}"))
@@ -210,7 +224,7 @@ def test_feature_lines_parse_back_to_the_features_the_json_module_writes() -> No
 def test_the_exterior_ring_of_a_serialised_feature_is_its_first_ring() -> None:
     import numpy as np
 
-    from wsiuda.io.geojson import dump_feature, exterior_ring
+    from wsiuda.io.geojson import dump_feature, exterior_ring, exterior_rings
 
     with_hole = Polygon(
         [(0.25, 1.5), (40, 0.75), (40.01, 30), (0, 30)], holes=[[(10, 10), (20, 10), (20, 20), (10, 20)]]
@@ -224,3 +238,11 @@ def test_the_exterior_ring_of_a_serialised_feature_is_its_first_ring() -> None:
     # Another key order: parsed whole.
     line = json.dumps({"geometry": {"coordinates": [[[1, 2], [3, 4], [5, 7], [1, 2]]], "type": "Polygon"}})
     np.testing.assert_array_equal(exterior_ring(line), [[1, 2], [3, 4], [5, 7], [1, 2]])
+    # Many lines at once: every ring's points one after another, and each ring's count.
+    lines = [dump_feature(nucleus_feature(p, feature_uuid="a", measurements={})) for p in (SQUARE, with_hole)]
+    points, counts = exterior_rings([lines[0], line, lines[1]])
+    expected = [exterior_ring(lines[0]), exterior_ring(line), exterior_ring(lines[1])]
+    np.testing.assert_array_equal(counts, [len(ring) for ring in expected])
+    np.testing.assert_array_equal(points, np.concatenate(expected))
+    empty_points, empty_counts = exterior_rings([])
+    assert empty_points.shape == (0, 2) and len(empty_counts) == 0

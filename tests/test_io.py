@@ -60,6 +60,22 @@ def test_auto_backend_reads_tiff_slides_with_tiffslide_and_falls_back_to_opensli
         assert reader.read_level(Region(0, 0, 8, 8), level=0).shape == (8, 8, 3)
 
 
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_threads_sharing_a_reader_read_what_one_thread_reads(synthetic_slide: Path, backend: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(3)
+    regions = [Region(int(y), int(x), 300, 300) for y, x in rng.integers(0, 1700, (96, 2))]
+    with open_slide(synthetic_slide, backend=backend) as reader:
+        alone = [reader.read_level(region, level=0) for region in regions]
+    with open_slide(synthetic_slide, backend=backend) as reader:
+        reader.limit_tile_cache(0)  # every read decodes: the file handle is busy the whole time
+        with ThreadPoolExecutor(4) as threads:
+            together = list(threads.map(lambda region: reader.read_level(region, level=0), regions))
+    for region, one, other in zip(regions, alone, together, strict=True):
+        np.testing.assert_array_equal(one, other, err_msg=str(region))
+
+
 def test_read_region_is_level0_yx_and_white_outside(synthetic_slide: Path) -> None:
     with open_slide(synthetic_slide) as reader:
         inside = reader.read_level(Region(100, 200, 50, 60), level=0)

@@ -42,3 +42,9 @@ def test_outlines_drawn_in_chunks_equal_outlines_drawn_one_by_one(monkeypatch, c
     np.testing.assert_array_equal(drawn, one_by_one(thumbnail, rings, 0.3))
     assert (drawn != 255).any()
     assert (thumbnail == 255).all(), "the thumbnail itself is left as it was"
+    # The same rings in two batches of points and counts, as the segment pipeline reads them per tile.
+    batches = [
+        (np.concatenate(part), np.array([len(ring) for ring in part])) for part in (rings[:7], rings[7:])
+    ]
+    batched = overlay.draw_outline_batches(thumbnail, iter(batches), scale=0.3)
+    np.testing.assert_array_equal(batched, drawn)

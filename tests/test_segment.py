@@ -384,6 +384,30 @@ def test_the_work_after_the_crf_gives_the_same_outputs_in_its_helper_as_in_the_w
         )
 
 
+def test_tasks_share_a_reader_per_slide_until_the_file_changes(tmp_path: Path) -> None:
+    import os
+
+    from wsiuda.geometry import Region
+    from wsiuda.pipelines.segment.sources import SourceSpec, close_shared_readers, shared_reader
+
+    slide = write_slide(tmp_path / "s.svs", disk_image((128, 128), [(40, 40, 10)]), mpp=0.25, app_mag=40)
+    source = SourceSpec(str(slide), "slide")
+    try:
+        first = shared_reader(source, 1.0)
+        assert shared_reader(source, 1.0) is first and shared_reader(source, 2.0) is not first
+        window = Region(20, 20, 40, 40)
+        np.testing.assert_array_equal(
+            first.read(window), disk_image((128, 128), [(40, 40, 10)])[20:60, 20:60]
+        )
+        write_slide(slide, disk_image((128, 128), [(90, 90, 10)]), mpp=0.25, app_mag=40)
+        os.utime(slide, ns=(1, 1))  # a new modification time, however coarse the file system's clock
+        again = shared_reader(source, 1.0)
+        assert again is not first
+        np.testing.assert_array_equal(again.read(window), np.full((40, 40, 3), PINK, np.uint8))
+    finally:
+        close_shared_readers()
+
+
 def test_a_tile_store_segments_like_its_slide(tmp_path: Path) -> None:
     """Lossless tiles from `wsiuda tile` give the nuclei of the slide they came from.
 

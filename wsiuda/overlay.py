@@ -26,10 +26,27 @@ def draw_outlines(
 
     Rings are drawn a chunk at a time, so any number of them can be streamed in.
     """
+    chunks = (
+        (np.concatenate(chunk), np.array([len(ring) for ring in chunk])) for chunk in _chunks(rings, _CHUNK)
+    )
+    return draw_outline_batches(thumbnail, chunks, scale=scale, color=color, thickness=thickness)
+
+
+def draw_outline_batches(
+    thumbnail: np.ndarray,
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    *,
+    scale: float,
+    color: Sequence[int] = OUTLINE_COLOR,
+    thickness: int = 1,
+) -> np.ndarray:
+    """:func:`draw_outlines` of rings given a batch at a time: each batch holds all its rings' points
+    ((n, 2) level-0 (x, y)), ring after ring, and each ring's point count (as
+    :func:`wsiuda.io.geojson.exterior_rings` gives them), drawn with one OpenCV call."""
     out = np.ascontiguousarray(thumbnail.copy())
     rgb = tuple(int(c) for c in color)
-    for chunk in _chunks(rings, _CHUNK):
-        _draw_chunk(out, chunk, scale=scale, color=rgb, thickness=thickness)
+    for points, counts in batches:
+        _draw_batch(out, points, counts, scale=scale, color=rgb, thickness=thickness)
     return out
 
 
@@ -50,11 +67,21 @@ def _chunks(rings: Iterable[np.ndarray], size: int) -> Iterator[list[np.ndarray]
         yield chunk
 
 
-def _draw_chunk(
-    out: np.ndarray, rings: list[np.ndarray], *, scale: float, color: tuple[int, ...], thickness: int
+def _draw_batch(
+    out: np.ndarray,
+    points: np.ndarray,
+    counts: np.ndarray,
+    *,
+    scale: float,
+    color: tuple[int, ...],
+    thickness: int,
 ) -> None:
-    starts = np.cumsum([0] + [len(ring) for ring in rings[:-1]])
-    points = np.rint(np.concatenate(rings) * scale).astype(np.int32)
+    counts = np.asarray(counts, dtype=np.int64)
+    if not counts.any():
+        return
+    # Empty rings are left out: reduceat needs every start inside the points.
+    starts = (np.cumsum(counts) - counts)[counts > 0]
+    points = np.rint(np.asarray(points, dtype=np.float64).reshape(-1, 2) * scale).astype(np.int32)
     # A ring smaller than a thumbnail pixel is a dot.
     dots = (np.maximum.reduceat(points, starts) == np.minimum.reduceat(points, starts)).all(axis=1)
     parts = np.split(points, starts[1:])

@@ -17,7 +17,7 @@ from wsiuda.pipelines.segment.finalize import finalize_slide
 from wsiuda.pipelines.segment.model import NetworkInfo, Predictor, model_path, resolve_model
 from wsiuda.pipelines.segment.outputs import SlideOutputs, SlideResult, plan_outputs
 from wsiuda.pipelines.segment.slides import PreparedSlide, prepare_slide
-from wsiuda.pipelines.segment.sources import SourceSpec, expand_inputs
+from wsiuda.pipelines.segment.sources import SourceSpec, close_shared_readers, expand_inputs
 from wsiuda.pipelines.segment.tasks import process_blocks
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,9 @@ def segment(
             save_config(config, config_path, command="segment")
             return _segment(config, sources, outputs, predictor, network, run, progress=progress)
     finally:
-        shutdown_helper()  # where tasks ran in this process; a worker process's helper ends with it
+        # Where tasks ran in this process; a worker process's helpers and readers end with it.
+        shutdown_helper()
+        close_shared_readers()
 
 
 def _segment(

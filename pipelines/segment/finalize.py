@@ -14,7 +14,7 @@ import numpy as np
 from wsiuda import __version__
 from wsiuda.config import atomic_write_text
 from wsiuda.errors import WsiudaError
-from wsiuda.io.geojson import GeoJsonWriter, exterior_ring
+from wsiuda.io.geojson import GeoJsonWriter, exterior_rings
 from wsiuda.io.maskstore import MaskStore
 from wsiuda.pipelines.segment.config import SegmentConfig
 from wsiuda.pipelines.segment.outputs import SlideResult
@@ -28,7 +28,7 @@ SUMMARY_FORMAT = 1
 
 def finalize_slide(slide: PreparedSlide, config: SegmentConfig) -> SlideResult:
     """Stream the tiles' features into the GeoJSON, draw the overlay, write the summary, mark complete."""
-    from wsiuda.overlay import draw_outlines, write_png
+    from wsiuda.overlay import draw_outline_batches, write_png
 
     clock = time.perf_counter()
     store = MaskStore.open(slide.outputs.store)
@@ -39,14 +39,14 @@ def finalize_slide(slide: PreparedSlide, config: SegmentConfig) -> SlideResult:
     count = 0
     with GeoJsonWriter(slide.outputs.geojson) as writer:
 
-        def rings() -> Iterator[np.ndarray]:
-            # Each feature is written as it is drawn: one pass, one feature in memory at a time.
+        def rings() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            # Each tile's features are written as they are drawn: one pass, one tile in memory at a time.
             for index in indices:
-                for line in store.tile_features(index):  # type: ignore[arg-type]
-                    writer.write_raw(line)
-                    yield exterior_ring(line)
+                lines = store.tile_features(index)  # type: ignore[arg-type]
+                writer.write_lines(lines)
+                yield exterior_rings(lines)
 
-        overlay = draw_outlines(thumbnail, rings(), scale=thumb_scale)
+        overlay = draw_outline_batches(thumbnail, rings(), scale=thumb_scale)
         count = writer.count
     geojson_s = time.perf_counter() - clock
     write_png(slide.outputs.overlay, overlay)

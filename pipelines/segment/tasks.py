@@ -23,7 +23,7 @@ from wsiuda.io.geojson import feature_id, feature_lines
 from wsiuda.io.maskstore import MaskStore, label_dtype
 from wsiuda.pipelines.crf_helper import PendingCrf
 from wsiuda.pipelines.segment.model import Predictor, forward_slots
-from wsiuda.pipelines.segment.sources import SourceSpec, WindowReader
+from wsiuda.pipelines.segment.sources import SourceSpec, WindowReader, shared_reader
 
 
 @dataclass(frozen=True)
@@ -127,11 +127,14 @@ def process_blocks(
 
         cv2.setNumThreads(job.threads)
     clock = time.perf_counter()
-    reader = WindowReader(job.source, job.scale)
-    try:
-        images = np.stack([reader.read(block.window) for block in blocks])
-    finally:
-        reader.close()
+    if job.source.kind == "slide":
+        images = np.stack([shared_reader(job.source, job.scale).read(block.window) for block in blocks])
+    else:
+        reader = WindowReader(job.source, job.scale)
+        try:
+            images = np.stack([reader.read(block.window) for block in blocks])
+        finally:
+            reader.close()
     read_s = (time.perf_counter() - clock) / len(blocks)
     with forward_slots(job.network_slots):
         clock = time.perf_counter()

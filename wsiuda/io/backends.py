@@ -185,6 +185,9 @@ class TiffSlideReader(SlideReader):
         except Exception:  # no direct access (e.g. unusual series): read_region still works
             log.debug("%s: tile-level access unavailable; using tiffslide.read_region", self.path)
         self._cache = _TileCache(self._cache_budget())
+        # tifffile's file handle locks its seek-and-read only when asked to: without it, threads sharing
+        # this reader read each other's tile bytes.
+        self._slide.ts_tifffile.filehandle.set_lock(True)
         self.info = SlideInfo(
             path=str(self.path),
             backend="tiffslide",
@@ -208,6 +211,9 @@ class TiffSlideReader(SlideReader):
             if _directly_tiled(page)
         ]
         return int(min(self.max_cache_bytes, max([self.min_cache_bytes, *rows])))
+
+    def limit_tile_cache(self, max_bytes: int) -> None:
+        self._cache.capacity = min(self._cache.capacity, max_bytes)
 
     def _tile(self, page: Any, level: int, index: int) -> np.ndarray:
         key = (level, index)

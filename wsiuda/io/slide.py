@@ -62,6 +62,9 @@ class SlideReader(ABC):
         Returns an RGB uint8 array of exactly ``region.shape + (3,)``.
         """
 
+    def limit_tile_cache(self, max_bytes: int) -> None:  # noqa: B027 - a no-op unless a backend caches
+        """Keep at most ``max_bytes`` of decoded tiles; a backend without a tile cache has nothing to do."""
+
     def read_level(self, region: Region, *, level: int) -> np.ndarray:
         """Pixels of ``region`` given in ``level``'s own pixel frame (not level 0): exact, no resampling.
 
