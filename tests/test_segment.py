@@ -549,7 +549,9 @@ def test_crf_helpers_start_before_the_model_loads(
         raise ModelError("stop before any tile")
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)  # two tasks side by side, a helper each
-    monkeypatch.setattr(driver, "start_helpers", lambda helpers: calls.append(("start_helpers", helpers)))
+    monkeypatch.setattr(
+        driver, "start_helpers", lambda helpers, preload=(): calls.append(("start_helpers", helpers))
+    )
     monkeypatch.setattr(driver, "resolve_model", resolve_model)
     config = SegmentConfig(
         inputs=(str(slide),), output=str(tmp_path / "n.geojson"), model=str(model), crf=crf, workers=1

@@ -18,7 +18,7 @@ from wsiuda.pipelines.segment.model import NetworkInfo, Predictor, model_path, r
 from wsiuda.pipelines.segment.outputs import SlideOutputs, SlideResult, plan_outputs
 from wsiuda.pipelines.segment.slides import PreparedSlide, prepare_slide
 from wsiuda.pipelines.segment.sources import SourceSpec, close_shared_readers, expand_inputs
-from wsiuda.pipelines.segment.tasks import process_blocks
+from wsiuda.pipelines.segment.tasks import AFTER_THE_CRF, process_blocks
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def segment(
             if helpers and tasks_run_here(config):
                 # Here, not sooner: the helpers then start on the core that idles while torch is imported
                 # and the model loaded, not beside this process's other imports or the first tiles.
-                start_helpers(helpers)
+                start_helpers(helpers, preload=AFTER_THE_CRF)
             if predictor is None:
                 predictor, network = resolve_model(config, run)
             assert network is not None
