@@ -52,12 +52,12 @@ def segment(
     if predictor is None:
         model_path(config)  # fail fast, before a cluster starts
     try:
+        helpers = crf_helpers_per_worker(config)
+        if helpers and tasks_run_here(config):
+            # First thing: the helpers import their libraries on the core that idles while this process
+            # imports Dask and torch and loads the model, not beside the first tiles.
+            start_helpers(helpers, preload=AFTER_THE_CRF)
         with runner(config) as run:
-            helpers = crf_helpers_per_worker(config)
-            if helpers and tasks_run_here(config):
-                # Here, not sooner: the helpers then start on the core that idles while torch is imported
-                # and the model loaded, not beside this process's other imports or the first tiles.
-                start_helpers(helpers, preload=AFTER_THE_CRF)
             if predictor is None:
                 predictor, network = resolve_model(config, run)
             assert network is not None

@@ -25,6 +25,7 @@ from typing import Any
 import cv2
 import numpy as np
 import zarr
+from zarr.codecs import ZstdCodec
 
 from wsiuda.config import RESUME_FIX, writing
 from wsiuda.errors import OutputError
@@ -44,6 +45,12 @@ TILE_STATS = (
     "tissue_px",
 )
 """Per-tile figures kept in the store, so a resumed run still reports on every tile."""
+
+
+FAST_ZSTD = ZstdCodec(level=1)
+"""The probability's and the features' compression: zstd level 1 took a dense tile's 1024² probability
+chunk in 1.3 ms against 2.3 ms at zarr's default level, for 7% more bytes, and its features in 0.33 against
+0.5 ms, for 7% fewer (timed by hand). Every tile writes both, so this is CPU on every tile."""
 
 
 def label_dtype(shape: tuple[int, int]) -> np.dtype:
@@ -83,7 +90,13 @@ class MaskStore:
         rows, cols = -(-shape[0] // tile), -(-shape[1] // tile)
         chunks = (tile, tile)
         group.create_array(
-            "probability", shape=shape, chunks=chunks, dtype="uint8", fill_value=0, dimension_names=("y", "x")
+            "probability",
+            shape=shape,
+            chunks=chunks,
+            dtype="uint8",
+            fill_value=0,
+            dimension_names=("y", "x"),
+            compressors=FAST_ZSTD,
         )
         labels = group.create_group("labels")
         nuclei = labels.create_group("nuclei")
@@ -95,7 +108,7 @@ class MaskStore:
             fill_value=0,
             dimension_names=("y", "x"),
         )
-        group.create_array("features", shape=(rows, cols), chunks=(1, 1), dtype=str)
+        group.create_array("features", shape=(rows, cols), chunks=(1, 1), dtype=str, compressors=FAST_ZSTD)
         group.create_array(
             "stats", shape=(rows, cols, len(TILE_STATS)), chunks=(1, 1, len(TILE_STATS)), dtype="float64"
         )
