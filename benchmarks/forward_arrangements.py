@@ -5,7 +5,7 @@
 `wsiuda segment` runs a worker's int8 forward passes side by side (one thread each) and its float32 passes
 one at a time on all threads (pipelines/segment/model.py: forward_slots). This script measures the four
 combinations on the default model, one process each (peak RSS of the process), over the same random
-1456 px windows (the window of a 1024 px tile with the CRF's halo). Results go to
+1456 px windows (a 1024 px tile with a 216 px halo; segment's window is 1472 px now). Results go to
 benchmarks/results/forward_arrangements.{json,md}.
 """
 

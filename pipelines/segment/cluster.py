@@ -58,9 +58,9 @@ def runner(config: SegmentConfig) -> Iterator[Runner]:
 
 
 # What one worker holds at its peak: torch, the model, the windows of its tasks in the network (see
-# threads_per_worker) and its CRF helpers. Workers keep their peak (wsiuda.allocator): a lone 2-task worker
-# peaked at 1.44-1.63 GB with the CRF in int8 and up to 1.88 GB with --no-crf in float32
-# (benchmarks/results/segment_throughput.md).
+# threads_per_worker), its slide reader's decoded tiles, and its CRF helpers, which also trace the nuclei.
+# Workers keep their peak (wsiuda.allocator): a lone 2-task worker and its helpers peaked at 1.54-1.89 GB
+# with the CRF in int8 and up to 1.89 GB with --no-crf in float32 (benchmarks/results/segment_throughput.md).
 WORKER_MEMORY_BYTES = 2e9
 
 
