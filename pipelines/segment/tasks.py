@@ -210,7 +210,7 @@ def _into_store(
     from wsiuda.instances import block_mean, centroids, from_grid, label_nuclei, owned_nuclei
     from wsiuda.polygons import nucleus_polygons
 
-    if job.threads:
+    if job.threads:  # set again here: a CRF helper is a process of its own
         import cv2
 
         cv2.setNumThreads(job.threads)
