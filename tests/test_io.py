@@ -257,8 +257,10 @@ def test_mask_store_sums_the_stats_of_finished_tiles_only(tmp_path: Path) -> Non
             features=[],
             stats={"nuclei": nuclei, "crf_s": 0.5},
         )
+    (store.path / "done" / "c" / "1" / "0.x1y2.partial").write_bytes(b"")  # a write cut short
     done = store.done_tiles()
     assert done.sum() == 2 and done[0, 1] and done[1, 2]
+    np.testing.assert_array_equal(done, np.asarray(store.group["done"][...], dtype=bool))  # as zarr reads it
     stats = store.tile_stats()
     assert stats["nuclei"] == 7 and stats["crf_s"] == 1.0 and stats["read_s"] == 0.0
     assert store.tile_stats(done) == stats
@@ -309,6 +311,23 @@ def test_chunks_written_as_files_read_back_as_zarr_writes_them(tmp_path: Path) -
     assert text_files.read((1, 0))[0, 0] == "µm\nline two\n"
     assert text_files.read((0, 1))[0, 0] == ""  # never written: the fill value
     assert not list(tmp_path.rglob("*.partial"))
+
+
+@pytest.mark.parametrize("key_encoding", [None, {"name": "v2", "separator": "."}])
+def test_stored_chunks_are_those_written(tmp_path: Path, key_encoding: dict[str, str] | None) -> None:
+    import zarr
+
+    from wsiuda.io.chunks import ChunkFiles
+
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    options = {"chunk_key_encoding": key_encoding} if key_encoding else {}
+    array = group.create_array("a", shape=(5, 25, 3), chunks=(2, 2, 3), dtype="uint8", **options)
+    files = ChunkFiles(array, tmp_path / "s.zarr")
+    assert files.stored_chunks() == []
+    written = [(2, 12, 0), (0, 10, 0), (0, 3, 0)]  # 10 after 3: sorted as numbers, not as names
+    for chunk in written:
+        array[chunk[0] * 2 : chunk[0] * 2 + 2, chunk[1] * 2 : chunk[1] * 2 + 2, :] = 1
+    assert files.stored_chunks() == sorted(written)
 
 
 def test_chunks_of_other_codecs_are_written_through_zarr(tmp_path: Path) -> None:

@@ -84,8 +84,13 @@ def _draw_batch(
     points = np.rint(np.asarray(points, dtype=np.float64).reshape(-1, 2) * scale).astype(np.int32)
     # A ring smaller than a thumbnail pixel is a dot.
     dots = (np.maximum.reduceat(points, starts) == np.minimum.reduceat(points, starts)).all(axis=1)
-    parts = np.split(points, starts[1:])
-    lines = [part.reshape(-1, 1, 2) for part, dot in zip(parts, dots, strict=True) if not dot]
+    # Slices, not np.split: its per-piece overhead was half of this function's time (timed by hand).
+    ends = starts + counts[counts > 0]
+    lines = [
+        points[start:end].reshape(-1, 1, 2)
+        for start, end, dot in zip(starts.tolist(), ends.tolist(), dots.tolist(), strict=True)
+        if not dot
+    ]
     if lines:
         cv2.polylines(out, lines, isClosed=True, color=color, thickness=thickness)
     first = points[starts[dots]]

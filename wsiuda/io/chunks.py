@@ -13,6 +13,7 @@ ones handled here are read and written through zarr.
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from pathlib import Path
@@ -75,6 +76,36 @@ class ChunkFiles:
             return np.full(shape, self.array.fill_value, dtype=self._codec.dtype)
         whole = self._codec.decode(data, tuple(self.array.chunks))
         return whole[tuple(slice(0, part.stop - part.start) for part in region)]
+
+    def stored_chunks(self) -> list[tuple[int, ...]]:
+        """The grid positions of the chunks that have a file; the others hold the fill value.
+
+        Found by listing the chunk folders (zarr v3's default keys, ``c/row/col``), not by a look-up per
+        grid position: a 100-tile slide's ``done`` array took 57 ms through zarr, which opens every chunk
+        (timed by hand). Under other key encodings every position is checked.
+        """
+        ndim = len(self.array.shape)
+        if self.array.metadata.encode_chunk_key((1,) * ndim) != "/".join(["c"] + ["1"] * ndim):
+            grid = itertools.product(*(range(count) for count in self.array.cdata_shape))
+            return [chunk for chunk in grid if self._path(chunk).is_file()]
+        found: list[tuple[int, ...]] = []
+
+        def walk(folder: Path, prefix: tuple[int, ...]) -> None:
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                return
+            for entry in entries:
+                if not entry.name.isdigit():  # a write's temporary file
+                    continue
+                position = (*prefix, int(entry.name))
+                if len(position) < ndim:
+                    walk(Path(entry.path), position)
+                elif entry.is_file():
+                    found.append(position)
+
+        walk(self._folder / "c", ())
+        return sorted(found)
 
     def _region(self, chunk: tuple[int, ...]) -> tuple[slice, ...]:
         return tuple(

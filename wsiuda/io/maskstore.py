@@ -181,8 +181,11 @@ class MaskStore:
 
     def done_tiles(self) -> np.ndarray:
         """Boolean (rows, cols): which tiles are finished."""
-        done: zarr.Array = self.group["done"]  # type: ignore[assignment]
-        return np.asarray(done[...], dtype=bool)
+        done_chunks = self._chunks("done")
+        done = np.zeros(done_chunks.array.shape, dtype=bool)
+        for chunk in done_chunks.stored_chunks():
+            done[chunk] = bool(done_chunks.read(chunk).all())
+        return done
 
     # -------------------------------------------------------------------------------------------------- io
     def write_tile(
@@ -224,10 +227,12 @@ class MaskStore:
     def tile_stats(self, done: np.ndarray | None = None) -> dict[str, float]:
         """Each of :data:`TILE_STATS` summed over the finished tiles (``done``: :meth:`done_tiles`, where
         the caller has it; reading it costs a file per tile)."""
-        stats_array: zarr.Array = self.group["stats"]  # type: ignore[assignment]
         finished = self.done_tiles() if done is None else done
-        values = np.asarray(stats_array[...], dtype=np.float64)[finished]
-        return {name: float(values[:, i].sum()) for i, name in enumerate(TILE_STATS)}
+        stats = self._chunks("stats")
+        totals = np.zeros(len(TILE_STATS), dtype=np.float64)
+        for row, col in np.argwhere(finished):  # chunk by chunk: a slide's few done tiles, not its grid
+            totals += stats.read((int(row), int(col), 0)).reshape(-1)
+        return {name: float(total) for name, total in zip(TILE_STATS, totals, strict=True)}
 
     def tile_features(self, index: tuple[int, int]) -> list[str]:
         """The serialised features a finished tile wrote, in its order."""
