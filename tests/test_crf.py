@@ -216,7 +216,8 @@ def test_helpers_started_ahead_are_the_ones_the_crf_then_uses() -> None:
     image, _, probability = scene(seed=6)
     params = CrfParams(downsample=2)
     try:
-        crf_helper.start_helpers(2)  # returns without waiting for them
+        up = crf_helper.start_helpers(2)  # returns without waiting for them
+        up.result(timeout=120)
         helper = crf_helper._HELPER
         assert helper is not None and helper._max_workers == 2
         started = {process.pid for process in helper._processes.values()}
@@ -239,7 +240,7 @@ def test_a_crf_whose_helper_died_runs_in_the_caller(monkeypatch, caplog) -> None
     image, _, probability = scene(seed=7)
     params = CrfParams(downsample=2)
     try:
-        crf_helper.start_helpers(1)
+        crf_helper.start_helpers(1).result(timeout=120)
         helper = crf_helper._HELPER
         assert helper is not None
         for process in list(helper._processes.values()):

@@ -106,7 +106,11 @@ def test_local_cluster_worker_processes_leave_ctrl_c_to_the_command(tmp_path: Pa
     from wsiuda.pipelines.segment.cluster import cluster_client
 
     config = SegmentConfig(inputs=("slide.svs",), output=str(tmp_path / "out"), workers=2)
+    environment = dict(os.environ)
     with cluster_client(config) as client:
         dispositions = client.run(signal.getsignal, signal.SIGINT)
+        threads = client.run(os.environ.get, "OMP_NUM_THREADS")
     assert len(dispositions) == 2
     assert set(dispositions.values()) == {signal.SIG_IGN}
+    assert set(threads.values()) == {"1"}  # the workers got their settings...
+    assert dict(os.environ) == environment  # ...and this process kept its own

@@ -145,18 +145,34 @@ def cluster_client(config: SegmentConfig) -> Iterator[Any]:
     settings["distributed.admin.system-monitor.interval"] = "60s"
     settings["distributed.admin.system-monitor.disk"] = False
     settings["distributed.worker.memory.monitor-interval"] = "1s"
-    with dask.config.set(settings):
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=threads,
-            # A lone worker runs in this process: no process to spawn, and torch and the model are loaded
-            # once. That saves seconds per run, a real share on a small slide.
-            processes=processes,
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-        )
+    # A nanny sets its workers' variables in this process to spawn them (see _environment_restored).
+    with _environment_restored():
+        with dask.config.set(settings):
+            cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=threads,
+                # A lone worker runs in this process: no process to spawn, and torch and the model are
+                # loaded once. That saves seconds per run, a real share on a small slide.
+                processes=processes,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            )
+        try:
+            with Client(cluster) as client:
+                yield client
+        finally:
+            cluster.close()
+
+
+@contextlib.contextmanager
+def _environment_restored() -> Iterator[None]:
+    """This process's environment as it was, whatever happens inside: a Dask nanny sets the workers'
+    variables (``pre-spawn-environ``: OMP_NUM_THREADS, malloc's) in its own process to spawn a worker,
+    and leaves them there, where they would reach every process the caller starts afterwards."""
+    saved = dict(os.environ)
     try:
-        with Client(cluster) as client:
-            yield client
+        yield
     finally:
-        cluster.close()
+        if dict(os.environ) != saved:
+            os.environ.clear()
+            os.environ.update(saved)

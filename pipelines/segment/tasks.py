@@ -260,9 +260,18 @@ def _into_store(
     return len(features)
 
 
-AFTER_THE_CRF = ("wsiuda.pipelines.segment.tasks", "wsiuda.instances", "wsiuda.polygons")
+AFTER_THE_CRF = (
+    "scipy.ndimage",
+    "skimage.segmentation",
+    "shapely",
+    "zarr",
+    "wsiuda.pipelines.segment.tasks",
+    "wsiuda.instances",
+    "wsiuda.polygons",
+)
 """What a CRF helper imports to go on with a tile after its CRF (:func:`_crf_box_into_store`): 0.4 s, better
-spent while the worker imports torch than on the first tile."""
+spent while the worker imports torch than on the first tile. The third-party libraries lead, so that the
+helpers' fork server imports them once for all helpers (see crf_helper)."""
 
 _OPEN_STORES: dict[str, tuple[tuple[int, int], MaskStore]] = {}
 _OPEN_STORES_LOCK = threading.Lock()
