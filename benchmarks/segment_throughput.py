@@ -136,6 +136,29 @@ WSIUDA_DEFAULT_GC = [
 ]
 
 
+# What any program that runs the model pays before its first window: importing torch and loading the model
+# (int8, as `wsiuda segment` loads it), in a process of its own, from process start to exit.
+MODEL_START_UP = [
+    sys.executable,
+    "-P",
+    "-c",
+    "import sys, os; from wsiuda.models import Segmenter; "
+    "Segmenter.load(sys.argv[1], device='cpu', precision='int8'); os._exit(0)",
+]
+
+
+def model_start_up(model: Path, *, repeats: int) -> dict[str, Any]:
+    """Wall seconds of :data:`MODEL_START_UP` (fastest of ``repeats``) and of a bare interpreter."""
+    runs = fastest_of(
+        repeats,
+        {
+            "torch_and_model": lambda: run_measured([*MODEL_START_UP, str(model)]),
+            "interpreter": lambda: run_measured([sys.executable, "-P", "-c", "pass"]),
+        },
+    )
+    return {name: {"wall_s": run["wall_s"], "all_s": run["all_s"]} for name, run in runs.items()}
+
+
 # One thread's int8 forward pass and default CRF per window, in a process of its own whose malloc is glibc's
 # default ("default") or set as `wsiuda segment` sets it ("reuse"): the setting belongs to the process.
 ALLOCATOR_PROBE = r"""
@@ -585,6 +608,7 @@ def report(results: dict[str, Any]) -> str:
         "round by round; each row shows its fastest run (every time is in the JSON, `all_s`).",
         "",
     ]
+    start_up = results.get("model_start_up")
     for name, slide in results["slides"].items():
         e2e, nocrf, base, cost = (
             slide["end_to_end"],
@@ -672,7 +696,15 @@ def report(results: dict[str, Any]) -> str:
                 f"Of the end-to-end wall time, {outside:.1f} s fell outside the slide's own run (summary "
                 "`wall_this_run`): the interpreter, the imports of torch and the libraries, the cluster, "
                 "the model's loading and the exit. That is paid once per run, whatever the slide's size. "
-                f"Without it, everything else would be {share:.1%} of the wall time.",
+                f"Without it, everything else would be {share:.1%} of the wall time."
+                + (
+                    f" Of it, {start_up['torch_and_model']['wall_s']:.2f} s is what a process that only "
+                    "imports torch and loads the model in int8 takes from start to exit (a bare "
+                    f"interpreter: {start_up['interpreter']['wall_s']:.2f} s; fastest of "
+                    f"{len(start_up['interpreter']['all_s'])}): any program that runs this model pays it."
+                    if start_up
+                    else ""
+                ),
                 "",
             ]
     for name, slide in results["slides"].items():
@@ -882,6 +914,7 @@ def main() -> None:
         "slides": {},
     }
     model, results["model"] = benchmark_model(args.workdir)
+    results["model_start_up"] = model_start_up(model, repeats=args.repeats)
     big, small = (4096, 2048) if args.quick else (20480, 10240)
     island = 1024 if args.quick else 2048
     slides = {}
