@@ -230,6 +230,64 @@ def test_helpers_started_ahead_are_the_ones_the_crf_then_uses() -> None:
     np.testing.assert_array_equal(refined, dense_crf(image, probability, params))
 
 
+def test_helpers_start_again_after_a_shutdown_that_ended_their_fork_server() -> None:
+    import multiprocessing.forkserver
+
+    from wsiuda.pipelines import crf_helper
+
+    image, _, probability = scene(seed=9)
+    params = CrfParams(downsample=2)
+    try:
+        first = crf_helper.crf_in_helper(image, probability, params)
+        server = multiprocessing.forkserver._forkserver._forkserver_pid  # None without a fork server
+        crf_helper.shutdown_helper()
+        assert server is None or _ends(server), "the fork server outlived the shutdown"
+        again = crf_helper.crf_in_helper(image, probability, params)
+    finally:
+        crf_helper.shutdown_helper()
+    np.testing.assert_array_equal(again, first)
+
+
+def _ends(pid: int, *, within_s: float = 10.0) -> bool:
+    """Whether process ``pid`` ends (exits, or is a zombie left to reap) within ``within_s``."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_a_crf_whose_helper_cannot_start_runs_in_the_caller(monkeypatch, caplog) -> None:
+    from wsiuda.pipelines import crf_helper
+
+    monkeypatch.setattr(crf_helper, "_DISABLED", False)  # restored after the test
+    image, _, probability = scene(seed=8)
+    params = CrfParams(downsample=2)
+
+    def cannot_start(*args: object, **kwargs: object) -> None:
+        raise OSError(24, "Too many open files")  # as starting a process can fail
+
+    try:
+        helper = crf_helper._helper(1)
+        assert helper is not None
+        monkeypatch.setattr(helper, "submit", cannot_start)
+        with caplog.at_level("WARNING", logger=crf_helper.__name__):
+            refined = crf_helper.PendingCrf(image, probability, params, helpers=1).result()
+        assert "running the CRF in the worker" in caplog.text
+        assert crf_helper._HELPER is None
+    finally:
+        crf_helper.shutdown_helper()
+    np.testing.assert_array_equal(refined, dense_crf(image, probability, params))
+
+
 def test_a_crf_whose_helper_died_runs_in_the_caller(monkeypatch, caplog) -> None:
     import os
     import signal
