@@ -145,6 +145,8 @@ def cluster_client(config: SegmentConfig) -> Iterator[Any]:
     settings["distributed.admin.system-monitor.interval"] = "60s"
     settings["distributed.admin.system-monitor.disk"] = False
     settings["distributed.worker.memory.monitor-interval"] = "1s"
+    cluster_log = logging.getLogger("distributed")
+    level = cluster_log.level
     # A nanny sets its workers' variables in this process to spawn them (see _environment_restored).
     with _environment_restored():
         with dask.config.set(settings):
@@ -159,9 +161,16 @@ def cluster_client(config: SegmentConfig) -> Iterator[Any]:
             )
         try:
             with Client(cluster) as client:
-                yield client
+                try:
+                    yield client
+                except KeyboardInterrupt:
+                    # Torn down under a Ctrl-C, the scheduler can log errors about the futures dropped
+                    # on the way ("Couldn't gather keys"): noise to a user, who gets one line.
+                    cluster_log.setLevel(logging.CRITICAL)
+                    raise
         finally:
             cluster.close()
+            cluster_log.setLevel(level)
 
 
 @contextlib.contextmanager
