@@ -198,7 +198,7 @@ def _stop_fork_server() -> None:
     """Kill this process's fork server (see _context), if it has one; the next helper starts another.
 
     Left to itself it ends when this process does, unloading its libraries first, and until then it holds
-    this process's stdout and stderr open: a caller reading them waited 0.06-0.07 s past the end of a
+    this process's stdout and stderr open: a caller reading them waited 0.06-0.08 s past the end of a
     run for it (timed by hand). multiprocessing keeps the server's pid in a private attribute, and reaps
     and restarts a server that has died when it next needs one.
     """
