@@ -26,12 +26,9 @@ benchmarks/segment_throughput.py that made a run 0.3-1.2 s shorter in each of 3 
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import multiprocessing
-import os
-import signal
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -42,7 +39,7 @@ import numpy as np
 
 from wsiuda.allocator import reuse_freed_memory
 from wsiuda.crf import CrfParams, crf_on_grid, dense_crf, from_crf_grid, to_crf_grid
-from wsiuda.pipelines.worker_setup import leave_interrupts_to_the_parent
+from wsiuda.pipelines.worker_setup import leave_interrupts_to_the_parent, stop_fork_server
 
 log = logging.getLogger(__name__)
 
@@ -191,29 +188,7 @@ def shutdown_helper() -> None:
     for process in list(processes.values()):
         process.kill()
     helper.shutdown(wait=True, cancel_futures=True)
-    _stop_fork_server()
-
-
-def _stop_fork_server() -> None:
-    """Kill this process's fork server (see _context), if it has one; the next helper starts another.
-
-    Left to itself it ends when this process does, unloading its libraries first, and until then it holds
-    this process's stdout and stderr open: a caller reading them waited 0.06-0.08 s past the end of a
-    run for it (timed by hand). multiprocessing keeps the server's pid in a private attribute, and reaps
-    and restarts a server that has died when it next needs one.
-    """
-    from multiprocessing import forkserver
-
-    pid = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
-    if pid is None:
-        return
-    with contextlib.suppress(ProcessLookupError, ChildProcessError):
-        os.kill(pid, signal.SIGKILL)
-        # Until it has died, but not reaped (WNOWAIT): multiprocessing reaps it, and a helper started
-        # before it had died would have been sent to it. (Where there is no waitid, as on macOS, that
-        # helper's start fails and its CRF runs in the caller.)
-        if hasattr(os, "waitid"):
-            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    stop_fork_server()
 
 
 def _helper_died() -> None:

@@ -436,6 +436,9 @@ def run_tile(
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+            from wsiuda.pipelines.worker_setup import stop_fork_server
+
+            stop_fork_server()
 
 
 def _tile_all(

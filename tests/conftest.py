@@ -61,3 +61,20 @@ def open_on_full_disk(name: object, mode: str) -> object:
     """A stand-in for ``open`` in a module under test: the file it opens is /dev/full, where every write
     that reaches the disk fails with ENOSPC."""
     return open("/dev/full", mode)
+
+
+def process_ends(pid: int, *, within_s: float = 10.0) -> bool:
+    """Whether process ``pid`` ends (exits, or is a zombie left to reap) within ``within_s``."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.01)
+    return False

@@ -233,6 +233,8 @@ def test_helpers_started_ahead_are_the_ones_the_crf_then_uses() -> None:
 def test_helpers_start_again_after_a_shutdown_that_ended_their_fork_server() -> None:
     import multiprocessing.forkserver
 
+    from conftest import process_ends
+
     from wsiuda.pipelines import crf_helper
 
     image, _, probability = scene(seed=9)
@@ -241,28 +243,11 @@ def test_helpers_start_again_after_a_shutdown_that_ended_their_fork_server() -> 
         first = crf_helper.crf_in_helper(image, probability, params)
         server = multiprocessing.forkserver._forkserver._forkserver_pid  # None without a fork server
         crf_helper.shutdown_helper()
-        assert server is None or _ends(server), "the fork server outlived the shutdown"
+        assert server is None or process_ends(server), "the fork server outlived the shutdown"
         again = crf_helper.crf_in_helper(image, probability, params)
     finally:
         crf_helper.shutdown_helper()
     np.testing.assert_array_equal(again, first)
-
-
-def _ends(pid: int, *, within_s: float = 10.0) -> bool:
-    """Whether process ``pid`` ends (exits, or is a zombie left to reap) within ``within_s``."""
-    import time
-
-    import psutil
-
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def test_a_crf_whose_helper_cannot_start_runs_in_the_caller(monkeypatch, caplog) -> None:

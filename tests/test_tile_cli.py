@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import multiprocessing.forkserver
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner, Result
+from conftest import process_ends
 from PIL import Image
 
 from wsiuda.cli.main import cli
@@ -98,6 +100,9 @@ def test_jpeg_default_codec_and_two_workers_match_one(synthetic_slide_20x: Path,
     one = tile(synthetic_slide_20x, "-o", tmp_path / "one", *args, "--workers", "1")
     two = tile(synthetic_slide_20x, "-o", tmp_path / "two", *args, "--workers", "2")
     assert one.exit_code == 0 and two.exit_code == 0, one.output + two.output
+    # The workers' fork server ends with the command, not when this process does.
+    server = multiprocessing.forkserver._forkserver._forkserver_pid  # None without a fork server
+    assert server is None or process_ends(server), "the fork server outlived the command"
     store = TileStore.open(tmp_path / "one" / "synthetic-20x.zarr")
     assert store.attrs["codec"] == "jpeg"
     assert chunk_files(tmp_path / "one" / "synthetic-20x.zarr") == chunk_files(
