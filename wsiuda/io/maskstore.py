@@ -226,7 +226,7 @@ class MaskStore:
 
     def tile_stats(self, done: np.ndarray | None = None) -> dict[str, float]:
         """Each of :data:`TILE_STATS` summed over the finished tiles (``done``: :meth:`done_tiles`, where
-        the caller has it; reading it costs a file per tile)."""
+        the caller has it; reading it costs a file per finished tile)."""
         finished = self.done_tiles() if done is None else done
         stats = self._chunks("stats")
         totals = np.zeros(len(TILE_STATS), dtype=np.float64)
