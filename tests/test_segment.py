@@ -585,3 +585,17 @@ def test_the_domain_shift_score_of_a_core_matches_every_pixel_of_its_tissue() ->
     assert pixels == core.height * core.width / 2
     assert summed == pytest.approx(entropy[:, :200].sum(), rel=0.01)
     assert summed / pixels != pytest.approx(entropy.mean(), rel=0.01)  # the tissue half, not the core
+
+
+def test_the_local_cluster_leaves_out_the_dashboards_periodic_work(tmp_path: Path) -> None:
+    """The lone local worker shares this process's cores with the forward passes: no statistical profiler,
+    and the event-loop watchdogs wake once a second rather than 50 times."""
+    from wsiuda.pipelines.segment.cluster import cluster_client
+
+    config = SegmentConfig(inputs=("slide.svs",), output=str(tmp_path / "n.geojson"), workers=1)
+    with cluster_client(config) as client:
+        scheduler = client.cluster.scheduler
+        (worker,) = client.cluster.workers.values()
+        assert scheduler.periodic_callbacks["tick"].callback_time == 1000
+        assert worker.periodic_callbacks["tick"].callback_time == 1000
+        assert "profile" not in worker.periodic_callbacks
