@@ -15,8 +15,8 @@ round by round, and each keeps its fastest: on a shared machine the fastest run 
    10240² section of tissue in the middle (100 tiles), where what is paid once per run weighs little.
 3. End to end: the installed `wsiuda segment` with its defaults (local cluster, one worker per 2 cores,
    a lone worker in the calling process, tile 1024, CRF on a 2.5x coarser grid with 2 iterations), timed
-   from process start to exit, with the peak RSS of the process tree; on CMU-1 also with --workers 2 and
-   with --no-crf.
+   from process start to exit, with the peak RSS of the process tree (sampled every 50 ms from the tree's
+   /proc files: common.run_measured); on CMU-1 also with --workers 2 and with --no-crf.
 4. Model only: forward passes over the same windows in one process, arranged as the pipeline runs them
    (int8: one pass per core side by side); model and CRF only: the same, each pass followed by the CRF
    on the part of the window the pipeline refines, in a helper process per lane. End to end against model
