@@ -59,8 +59,8 @@ def runner(config: SegmentConfig) -> Iterator[Runner]:
 
 # What one worker holds at its peak: torch, the model, the windows of its tasks in the network (see
 # threads_per_worker), its slide reader's decoded tiles, and its CRF helpers, which also trace the nuclei.
-# Workers keep their peak (wsiuda.allocator): a lone 2-task worker and its helpers peaked at 1.68-1.75 GB
-# with the CRF in int8 and up to 1.79 GB with --no-crf in float32 (benchmarks/results/segment_throughput.md).
+# Workers keep their peak (wsiuda.allocator): a lone 2-task worker and its helpers peaked at 1675-1802 MiB
+# with the CRF in int8 and up to 1822 MiB with --no-crf in float32 (benchmarks/results/segment_throughput.md).
 WORKER_MEMORY_BYTES = 2e9
 
 
