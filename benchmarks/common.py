@@ -108,6 +108,13 @@ _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 def process_tree(pid: int) -> list[int]:
     """``pid`` and its descendants, from each thread's children list in /proc (Linux)."""
+    if not os.path.exists(f"/proc/{pid}/task/{pid}/children"):  # gone, or a kernel without those lists
+        import psutil
+
+        try:
+            return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+        except psutil.Error:
+            return [pid]
     tree, todo = [], [pid]
     while todo:
         member = todo.pop()
