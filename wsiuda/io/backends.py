@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -185,9 +186,12 @@ class TiffSlideReader(SlideReader):
         except Exception:  # no direct access (e.g. unusual series): read_region still works
             log.debug("%s: tile-level access unavailable; using tiffslide.read_region", self.path)
         self._cache = _TileCache(self._cache_budget())
-        # tifffile's file handle locks its seek-and-read only when asked to: without it, threads sharing
-        # this reader read each other's tile bytes.
+        # What goes through tifffile's handle (tiffslide's read_region) seeks and reads under its lock.
         self._slide.ts_tifffile.filehandle.set_lock(True)
+        for page in self._pages:
+            # A page's decoder is made on its first use, racily between threads from Python 3.12 on.
+            if _directly_tiled(page) and hasattr(page, "init_decode"):
+                page.init_decode()
         self.info = SlideInfo(
             path=str(self.path),
             backend="tiffslide",
@@ -197,6 +201,12 @@ class TiffSlideReader(SlideReader):
             mpp=_mpp_from_properties(properties, "tiffslide"),
             objective_power=_float_or_none(properties.get("tiffslide.objective-power")),
         )
+        # Tile bytes come from a descriptor of this reader's own, read at their offsets (pread). No file
+        # position is shared, so threads read side by side, and nothing that moves tifffile's handle
+        # without its lock (its page loading does) can shift a tile read. Read through that handle, about
+        # one tile in 200 failed to decode while another thread moved it. Without pread, tiles go through
+        # tifffile's handle under its lock.
+        self._descriptor = os.open(self.path, os.O_RDONLY) if hasattr(os, "pread") else None
 
     def _cache_budget(self) -> int:
         """Bytes of decoded tiles to keep: four tile rows across the widest tiled level, within bounds.
@@ -224,14 +234,22 @@ class TiffSlideReader(SlideReader):
             if count == 0:  # a sparse tile: nothing was scanned there
                 tile = np.full((height, width, 3), WHITE, dtype=np.uint8)
             else:
-                handle = page.parent.filehandle
-                with handle.lock:
-                    handle.seek(int(page.dataoffsets[index]))
-                    data = handle.read(count)
-                decoded, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+                decoded, _, _ = page.decode(
+                    self._tile_bytes(page, int(page.dataoffsets[index]), count),
+                    index,
+                    jpegtables=page.jpegtables,
+                )
                 tile = _to_rgb(np.asarray(decoded).reshape(height, width, -1))
             self._cache.put(key, tile)
         return tile
+
+    def _tile_bytes(self, page: Any, offset: int, count: int) -> bytes:
+        if self._descriptor is not None:
+            return os.pread(self._descriptor, count, offset)  # short at a truncated end: decoding fails
+        handle = page.parent.filehandle
+        with handle.lock:
+            handle.seek(offset)
+            return bytes(handle.read(count))
 
     def _read_tiles(self, region: Region, page: Any, level: int) -> np.ndarray:
         height, width = page.tilelength, page.tilewidth
@@ -261,4 +279,7 @@ class TiffSlideReader(SlideReader):
         return _to_rgb(np.asarray(pixels))
 
     def close(self) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
         self._slide.close()
