@@ -62,6 +62,55 @@ def test_a_bad_slide_is_reported_and_the_batch_goes_on(
     assert not (out / "broken.geojson").exists()
 
 
+def test_a_tile_that_fails_to_decode_is_one_line_from_the_local_cluster(
+    tmp_path: Path, small_slide: Path, dark_model: Path
+) -> None:
+    """A slide whose structure is sound but one of its tiles is damaged fails in a task on the cluster's
+    worker; the user gets the one line, and the worker logs no failed task with its traceback."""
+    import logging
+
+    import tifffile
+    from synthetic import synthetic_he
+
+    # Long enough that tissue is found on level 1: only the tasks read level 0, and one of its tiles in
+    # the middle is damaged.
+    damaged = write_slide(tmp_path / "damaged.svs", synthetic_he((512, 4608), seed=6), mpp=0.25, app_mag=40)
+    with tifffile.TiffFile(damaged) as tif:
+        level0 = tif.pages[0]
+        offset = level0.dataoffsets[len(level0.dataoffsets) // 2]
+    with damaged.open("r+b") as handle:
+        handle.seek(offset)
+        handle.write(bytes(16))
+
+    class Records(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    records = Records()
+    cluster_log = logging.getLogger("distributed")
+    cluster_log.addHandler(records)
+    try:
+        out = tmp_path / "out"
+        result = run(
+            str(damaged), str(small_slide), "-o", str(out), "-m", str(dark_model), "--workers", "1",
+            "--tile", "512", "--no-crf",
+        )  # fmt: skip
+    finally:
+        cluster_log.removeHandler(records)
+    assert result.exit_code == 1, result.output
+    reported, count = error_lines(result.output)
+    assert "damaged.svs" in reported and "failed" in reported and "copy it again" in reported
+    assert count == "Error: 1 of 2 slides failed (listed above); the others are done"
+    assert "Traceback" not in result.output
+    assert records.messages == []
+    assert len(load_features(out / "small.geojson")) > 5
+    assert not (out / "damaged.geojson").exists()
+
+
 def test_a_lone_bad_slide_is_one_line(tmp_path: Path, dark_model: Path) -> None:
     bad = tmp_path / "broken.svs"
     bad.write_bytes(b"II*\x00" + b"\x00" * 64)

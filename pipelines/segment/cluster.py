@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -24,14 +25,12 @@ def runner(config: SegmentConfig) -> Iterator[Runner]:
 
         def run_here(fn: Callable[..., Any], tasks: Iterable[tuple[Task, Any]]) -> Iterator[tuple[Any, Any]]:
             for arguments, tag in tasks:
-                try:
-                    yield tag, fn(*arguments)
-                except WsiudaError as error:
-                    yield tag, error
+                yield tag, errors_returned(fn, *arguments)
 
         yield run_here
         return
 
+    from dask.utils import funcname
     from distributed import as_completed
 
     with cluster_client(config) as client:
@@ -42,19 +41,30 @@ def runner(config: SegmentConfig) -> Iterator[Runner]:
             tags: dict[Any, Any] = {}
             pending = as_completed()
             for arguments, tag in tasks:  # submitted as they come: workers start before the last is made
-                future = client.submit(fn, *arguments, pure=False)
+                # Named after fn, as Dask would name fn's own tasks.
+                key = f"{funcname(fn)}-{uuid.uuid4().hex}"
+                future = client.submit(errors_returned, fn, *arguments, key=key, pure=False)
                 tags[future.key] = tag
                 pending.add(future)
             for future in pending:
-                try:
-                    result = future.result()
-                except WsiudaError as error:
-                    result = error
+                result = future.result()
                 tag = tags.pop(future.key)
                 future.release()
                 yield tag, result
 
         yield run_distributed
+
+
+def errors_returned(fn: Callable[..., Any], *arguments: Any) -> Any:
+    """``fn(*arguments)``, or the :class:`WsiudaError` it raised (bad input: a slide's unreadable tile).
+
+    Such an error is the task's result, not its failure: a Dask worker logs a failed task with its
+    traceback, where the user gets one line from the command instead.
+    """
+    try:
+        return fn(*arguments)
+    except WsiudaError as error:
+        return error
 
 
 # What one worker holds at its peak: torch, the model, the windows of its tasks in the network (see
