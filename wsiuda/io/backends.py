@@ -189,9 +189,12 @@ class TiffSlideReader(SlideReader):
         # What goes through tifffile's handle (tiffslide's read_region) seeks and reads under its lock.
         self._slide.ts_tifffile.filehandle.set_lock(True)
         for page in self._pages:
-            # A page's decoder is made on its first use, racily between threads from Python 3.12 on.
-            if _directly_tiled(page) and hasattr(page, "init_decode"):
-                page.init_decode()
+            # tifffile makes a page's decoder on its first use, and for JPEG it then reads 4 bytes of the
+            # first tile through its handle without the lock (TiffPage.is_jfif): a tile read in another
+            # thread could start 4 bytes late ("Not a JPEG file: starts with 0x00 0x10", bytes 4-5 of a
+            # JFIF header, ended a benchmark run once). Made here, before any thread reads.
+            if _directly_tiled(page):
+                page.decode  # noqa: B018
         self.info = SlideInfo(
             path=str(self.path),
             backend="tiffslide",
@@ -202,10 +205,9 @@ class TiffSlideReader(SlideReader):
             objective_power=_float_or_none(properties.get("tiffslide.objective-power")),
         )
         # Tile bytes come from a descriptor of this reader's own, read at their offsets (pread). No file
-        # position is shared, so threads read side by side, and nothing that moves tifffile's handle
-        # without its lock (its page loading does) can shift a tile read. Read through that handle, about
-        # one tile in 200 failed to decode while another thread moved it. Without pread, tiles go through
-        # tifffile's handle under its lock.
+        # position is shared, so threads read side by side, and nothing else that moves tifffile's handle
+        # without its lock (its page loading does too) can shift a tile read. Without pread, tiles go
+        # through tifffile's handle under its lock.
         self._descriptor = os.open(self.path, os.O_RDONLY) if hasattr(os, "pread") else None
 
     def _cache_budget(self) -> int:
