@@ -919,9 +919,10 @@ def targets(results: dict[str, Any]) -> list[str]:
     if others:
         (slide_name, run), peak = max(others.items(), key=lambda item: item[1])
         command = results["slides"][slide_name][run]["command"].strip()
-        out.append(
-            f"largest peak RSS of any `wsiuda segment` run: {peak:.0f} MiB (`{command}`, {slide_name})"
-        )
+        label = f"`{command}`"
+        if run == "default_gc":
+            label += " with Python's default collector thresholds"
+        out.append(f"largest peak RSS of any `wsiuda segment` run: {peak:.0f} MiB ({label}, {slide_name})")
     if "rss_by_size" in results:
         sizes = results["rss_by_size"]
         spread = f" (largest minus smallest: {max(sizes.values()) - min(sizes.values()):.0f} MiB)"
