@@ -77,9 +77,10 @@ def test_threads_sharing_a_reader_read_what_one_thread_reads(synthetic_slide: Pa
 
 
 def test_tile_reads_do_not_depend_on_the_position_of_tifffiles_handle(synthetic_slide: Path) -> None:
-    # tifffile loads pages by seeking its file handle without taking the handle's lock. A tile read through
-    # that handle could start where such a seek left it: about one read in 200 failed here, so with 1500
-    # reads this test would all but never pass.
+    # tifffile seeks and reads its file handle without the handle's lock in places (loading a page, probing
+    # a JPEG page for JFIF). A tile read through that handle could start where such a seek left it: with a
+    # thread moving it as here, about one read in 200 failed, so with 1500 reads this test would all but
+    # never pass.
     import threading
 
     rng = np.random.default_rng(4)
