@@ -1,6 +1,6 @@
 """Throughput, CRF cost and memory of `wsiuda segment`, side by side with a plain loop.
 
-    nice .venv/bin/python benchmarks/segment_throughput.py            # full run (26 min on 2 cores, by hand)
+    nice .venv/bin/python benchmarks/segment_throughput.py            # full run (21 min on 2 cores, by hand)
     nice .venv/bin/python benchmarks/segment_throughput.py --quick    # small slides, a smoke test
 
 All figures come from one run, so ratios share the machine's state. The runs that the targets compare
