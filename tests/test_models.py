@@ -148,6 +148,31 @@ def test_int8_built_in_place_equals_one_built_from_a_copy() -> None:
         torch.testing.assert_close(in_place(x), from_copy(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("band_rows", [1, 5, 1000])
+def test_int8_float_layers_run_in_row_bands_give_the_same_numbers(band_rows: int) -> None:
+    from wsiuda.models.quantize import quantize
+    from wsiuda.models.row_bands import RowBands
+
+    torch.manual_seed(6)
+    network = build_unet(width=4, depth=2).eval()
+    ranges = calibrated(network, tiny_meta()).activation_ranges
+    whole = quantize(fold_batchnorm(network), ranges, band_rows=None)
+    banded = quantize(fold_batchnorm(network), ranges, band_rows=band_rows)
+    bands = [module for module in banded.modules() if isinstance(module, RowBands)]
+    assert len(bands) == 3  # two transposed convolutions and the head
+    seen_rows: list[int] = []
+    for band in bands:
+        band.layer.register_forward_hook(lambda _, inputs, __: seen_rows.append(inputs[0].shape[2]))
+    # 44 rows: 22 and 11 at the lower levels, so the last band of 5 is a short one.
+    x = torch.rand(2, 3, 44, 28).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected, got = whole(x), banded(x)
+    assert not got.is_quantized and got.shape == (2, 1, 44, 28)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert seen_rows and max(seen_rows) == min(band_rows, 44)
+    assert not any(isinstance(module, RowBands) for module in whole.modules())
+
+
 def test_an_int8_segmenter_keeps_its_float_network_as_loaded() -> None:
     """The int8 network is built in place from the segmenter's folded copy; the network it keeps, which
     model files are saved from, must come through untouched."""

@@ -86,9 +86,9 @@ def forward_slots(count: int) -> threading.Semaphore:
     """The tasks of this process that may be in the network at once.
 
     In float32 that is one, on all the worker's cores: two float32 passes side by side on one thread each
-    are faster (1.28x) but take a process past 2 GB (2.2 GB). int8 activations
-    are a quarter the size: side by side they gave 1.28x the throughput of one at a time on both threads,
-    at 1.0 GB (default model, 1456 px windows, 2 cores; benchmarks/results/forward_arrangements.md).
+    are faster (1.10x) but take a process past 2 GiB (2214 MiB). int8 activations are a quarter the
+    size: side by side they gave 1.17x the throughput of one at a time on both threads, at 873 MiB
+    (default model, 1472 px windows, 2 cores; benchmarks/results/forward_arrangements.md).
     """
     with _SEGMENTERS_LOCK:
         return _NETWORK_SLOTS.setdefault(count, threading.Semaphore(count))

@@ -12,7 +12,8 @@ rebuilds the int8 network from the float weights and those ranges (:func:`quanti
 predictions independent of what else is in the batch or tile, so tiled and whole-image predictions still
 agree. Two layers stay in float: the transposed convolutions (per-channel int8 weights do not fit their
 weight layout and wreck the output) and the 1x1 head, whose logits would otherwise be rounded to steps of
-a quarter logit around the decision threshold.
+a quarter logit around the decision threshold. They run on a band of rows at a time
+(:mod:`.row_bands`), which keeps their float tensors small.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from wsiuda.errors import ModelError
+from wsiuda.models.row_bands import BAND_ROWS, float_layers_in_row_bands
 
 ActivationRanges = dict[str, list[float]]
 """Observed (min, max) of each quantized activation, by the observer's name in the traced network."""
@@ -70,12 +72,15 @@ def calibrate(network: nn.Module, images: Iterable[torch.Tensor]) -> ActivationR
     return ranges
 
 
-def quantize(network: nn.Module, ranges: ActivationRanges, *, in_place: bool = False) -> nn.Module:
+def quantize(
+    network: nn.Module, ranges: ActivationRanges, *, in_place: bool = False, band_rows: int | None = BAND_ROWS
+) -> nn.Module:
     """The int8 network of ``network`` (float, eval mode, BatchNorm folded) with the stored ``ranges``.
 
     ``in_place`` builds it from ``network``'s own modules, which are then spent, instead of a copy: for a
     caller whose ``network`` is a copy made for this. It saves a deep copy, about 0.1 s of the default
-    model's 0.7 s load (timed by hand).
+    model's 0.7 s load (timed by hand). ``band_rows`` is the input rows per band of the float layers
+    (:mod:`.row_bands`); None runs them on whole tensors, as converted.
     """
     from torch.ao.quantization.quantize_fx import convert_fx
 
@@ -92,7 +97,9 @@ def quantize(network: nn.Module, ranges: ActivationRanges, *, in_place: bool = F
         observer.max_val.copy_(torch.tensor(float(high)))
     torch.backends.quantized.engine = "x86"
     with _quiet_deprecation():
-        quantized: nn.Module = convert_fx(prepared)
+        quantized = convert_fx(prepared)
+    if band_rows is not None:
+        quantized = float_layers_in_row_bands(quantized, rows=band_rows)
     return quantized.to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
 
 
