@@ -5,7 +5,7 @@ A tile's forward pass allocates and frees dozens of arrays of tens of MB, and th
 a few more. glibc serves each of them with fresh pages from the kernel: it maps arrays above its mmap
 threshold on their own and unmaps them when freed, and a thread's own arena gives back the heap it no
 longer uses. Every pass then pays a page fault for each 4 KiB it touches. On a 2-core AMD EPYC that was
-160 thousand faults and 42% of a 1472² window's int8 forward pass (604 ms against 350 ms with freed
+48 thousand faults and 19% of a 1472² window's int8 forward pass (407 ms against 331 ms with freed
 memory kept; benchmarks/results/segment_throughput.md).
 
 :func:`reuse_freed_memory` makes glibc keep what is freed, in one heap shared by all threads, and serve

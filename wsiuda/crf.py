@@ -78,9 +78,9 @@ DEFAULT_CRF = CrfParams(w1=1.0, downsample=2.5, iterations=2)
 """The CRF that segment and evaluate run: the paper's kernels with the appearance weight chosen on the
 default model's source validation images (benchmarks/results/crf_tuning.md; the paper group's w1=10 lost 0.046
 Dice there), on a grid 2.5 times coarser than the working grid and with 2 mean-field iterations. With malloc
-set to reuse freed memory (wsiuda.allocator) the int8 forward pass of a CMU-1-Small-Region tile takes 356 ms
-on a 2-core EPYC with AVX-512 VNNI; this CRF takes 0.43x as long, where half resolution with 2 iterations
-took 0.62x. On the 14 MoNuSeg 2018 test images it loses 0.0038 Dice against the full CRF (full resolution,
+set to reuse freed memory (wsiuda.allocator) the int8 forward pass of a CMU-1-Small-Region tile takes 330 ms
+on a 2-core EPYC with AVX-512 VNNI; this CRF takes 0.45x as long, where half resolution with 2 iterations
+took 0.63x. On the 14 MoNuSeg 2018 test images it loses 0.0038 Dice against the full CRF (full resolution,
 5 iterations; half resolution with 2 iterations lost 0.0025) (benchmarks/results/segment_throughput.md)."""
 
 

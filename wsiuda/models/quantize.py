@@ -1,8 +1,8 @@
 """Post-training int8 quantization of S for CPU inference.
 
 On a CPU without wide vector units for half precision, 8-bit integer convolutions are the one way to make
-the forward pass much cheaper: the default U-Net's forward pass of a 1472² window runs in 356 ms in int8
-against 897 ms in float32 on one core of a 2-core EPYC with AVX-512 VNNI
+the forward pass much cheaper: the default U-Net's forward pass of a 1472² window runs in 330 ms in int8
+against 887 ms in float32 on one core of a 2-core EPYC with AVX-512 VNNI
 (benchmarks/results/segment_throughput.md; the gain depends on the CPU's int8 instructions), with the same
 held-out Dice to three decimals (benchmarks/results/default_model.md).
 
