@@ -33,3 +33,21 @@ def test_default_model_runs_in_int8_on_a_cpu_like_in_float32() -> None:
     exact = Segmenter.load_default(device="cpu", precision="float32").predict(image[None])[0] >= 0.5
     agree = (fast.predict(image[None])[0] >= 0.5) == exact
     assert exact.any() and agree.mean() > 0.99
+
+
+def test_default_model_in_int8_gives_the_same_numbers_with_its_float_layers_in_row_bands() -> None:
+    import torch
+
+    from wsiuda.models.quantize import quantize
+    from wsiuda.models.row_bands import RowBands
+    from wsiuda.models.unet import fold_batchnorm
+
+    segmenter = Segmenter.load_default(device="cpu", precision="float32")
+    ranges = segmenter.meta.activation_ranges
+    banded = quantize(fold_batchnorm(segmenter.network), ranges)
+    whole = quantize(fold_batchnorm(segmenter.network), ranges, band_rows=None)
+    assert sum(isinstance(module, RowBands) for module in banded.modules()) == 5  # 4 upsamplings, the head
+    # 208 rows: the head and the top two upsamplings take 208, 104 and 52 rows, in bands of 32 ending short.
+    x = torch.randn(1, 3, 208, 272).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(banded(x), whole(x), rtol=0, atol=0)
