@@ -29,41 +29,52 @@ speed while the float tensors stay small."""
 class RowBands(nn.Module):
     """``layer`` on a quantized input, ``rows`` input rows at a time, quantized again if asked.
 
-    ``layer`` must map input row ``r`` to output rows ``r * scale`` to ``(r + 1) * scale - 1`` only.
+    ``layer`` must map input row ``r`` to output rows ``r * k`` to ``r * k + k - 1`` only, where ``k`` is
+    ``rows_out_per_row_in``.
     """
 
-    def __init__(self, layer: nn.Module, *, scale: int, rows: int, requantize: tuple[Any, Any, Any] | None):
+    def __init__(
+        self,
+        layer: nn.Module,
+        *,
+        rows_out_per_row_in: int,
+        rows: int,
+        requantize: tuple[Any, Any, Any] | None,
+    ):
         super().__init__()
         self.layer = layer
-        self.scale = scale
+        self.rows_out_per_row_in = rows_out_per_row_in
         self.rows = rows
         self.requantize = requantize
         """(scale, zero point, dtype) of the quantized output; None keeps it in float."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor | None = None
+        k = self.rows_out_per_row_in
         for start in range(0, x.shape[2], self.rows):
             band = self.layer(x[:, :, start : start + self.rows].dequantize())
             if self.requantize is not None:
                 scale, zero_point, dtype = self.requantize
                 band = torch.quantize_per_tensor(band, scale, zero_point, dtype)
             if out is None:
-                out = self._empty_like_output(band, height=x.shape[2] * self.scale)
-            out[:, :, start * self.scale : start * self.scale + band.shape[2]].copy_(band)
+                out = _empty_like(band, height=x.shape[2] * k)
+            out[:, :, start * k : start * k + band.shape[2]].copy_(band)
         assert out is not None, "an input of no rows"
         return out
 
-    def _empty_like_output(self, band: torch.Tensor, *, height: int) -> torch.Tensor:
-        shape = (band.shape[0], band.shape[1], height, band.shape[3])
-        if band.is_quantized:
-            return torch._empty_affine_quantized(
-                shape,
-                scale=band.q_scale(),
-                zero_point=band.q_zero_point(),
-                dtype=band.dtype,
-                memory_format=torch.channels_last,
-            )
-        return torch.empty(shape, dtype=band.dtype, memory_format=torch.channels_last)
+
+def _empty_like(band: torch.Tensor, *, height: int) -> torch.Tensor:
+    """An empty tensor like ``band`` (dtype, quantization) but ``height`` rows high, in channels_last."""
+    shape = (band.shape[0], band.shape[1], height, band.shape[3])
+    if band.is_quantized:
+        return torch._empty_affine_quantized(
+            shape,
+            scale=band.q_scale(),
+            zero_point=band.q_zero_point(),
+            dtype=band.dtype,
+            memory_format=torch.channels_last,
+        )
+    return torch.empty(shape, dtype=band.dtype, memory_format=torch.channels_last)
 
 
 def _rows_out_per_row_in(layer: nn.Module) -> int | None:
@@ -97,8 +108,8 @@ def float_layers_in_row_bands(network: fx.GraphModule, *, rows: int = BAND_ROWS)
         if call.op != "call_module":
             continue
         layer = network.get_submodule(call.target)
-        scale = _rows_out_per_row_in(layer)
-        if scale is None:
+        rows_out = _rows_out_per_row_in(layer)
+        if rows_out is None:
             continue
         quantize = _only_quantize_after(call)
         requantize = None
@@ -106,7 +117,9 @@ def float_layers_in_row_bands(network: fx.GraphModule, *, rows: int = BAND_ROWS)
             _, scale_node, zero_point_node, dtype = quantize.args
             requantize = (_attribute(network, scale_node), _attribute(network, zero_point_node), dtype)
         name = f"{call.target.replace('.', '_')}_in_row_bands"
-        network.add_submodule(name, RowBands(layer, scale=scale, rows=rows, requantize=requantize))
+        network.add_submodule(
+            name, RowBands(layer, rows_out_per_row_in=rows_out, rows=rows, requantize=requantize)
+        )
         with graph.inserting_before(dequantize):
             banded = graph.call_module(name, (dequantize.args[0],))
         last = quantize if quantize is not None else call
