@@ -71,8 +71,8 @@ def errors_returned(fn: Callable[..., Any], *arguments: Any) -> Any:
 # threads_per_worker), its slide reader's decoded tiles, and its CRF helpers, which also trace the nuclei.
 # Workers keep their peak (wsiuda.allocator): a lone 2-task worker and its helpers peaked at 1437-1794 MiB
 # from run to run with the CRF in int8, and at up to 1829 MiB (1.92e9 bytes) with --no-crf in float32
-# (benchmarks/results/segment_throughput.md). An earlier build peaked at up to 2126 MiB (2.23e9 bytes):
-# the budget keeps that margin.
+# (benchmarks/results/segment_throughput.md). The budget leaves about 17% above the largest of them, as
+# peaks vary from run to run by a few hundred MiB.
 WORKER_MEMORY_BYTES = 2.25e9
 
 
