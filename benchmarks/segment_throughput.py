@@ -23,7 +23,7 @@ round by round, and each keeps its fastest: on a shared machine the fastest run 
 4. Model only: forward passes over the same windows in one process, arranged as the pipeline runs them
    (int8: one pass per core side by side); model and CRF only: the same, each pass followed by the CRF
    on the part of the window the pipeline refines, in a helper process per lane. End to end against model
-   and CRF only is the issue's "everything but the forward pass and the CRF". Per tile on one thread: the
+   and CRF only is the target's "everything but the forward pass and the CRF". Per tile on one thread: the
    forward pass in float32 and int8 and each CRF mode on the same windows, fastest of --repeats rounds.
 5. Baseline: a plain loop (OpenSlide read_region → resize to 0.25 µm/px → model → stitch into a slide-sized
    numpy mask → cv2.findContours → GeoJSON), no Dask, over the same windows, in its own process. "model"
@@ -614,7 +614,7 @@ def report(results: dict[str, Any]) -> str:
         "malloc set to reuse freed memory (see the malloc section), tile 1024, batch 1, "
         "backend auto (tiffslide for these SVS files); wall time is process start to exit (cluster start-up "
         "included). "
-        "The baseline is the issue's plain loop (OpenSlide read_region, resize to 0.25 µm/px, the network "
+        "The baseline is a plain loop (OpenSlide read_region, resize to 0.25 µm/px, the network "
         "as loaded in NCHW float32, numpy stitch, cv2.findContours, no Dask) over the same windows as "
         "wsiuda (tissue windows only, so tissue detection earns wsiuda nothing here); two more plain loops "
         "call wsiuda's `Segmenter.predict` (BatchNorm folded into the convolutions, channels_last) in "
@@ -1049,7 +1049,7 @@ def main() -> None:
         entry["per_tile"] = per_tile_costs(
             job, blocks, model, count=2 if args.quick else 4, repeats=args.repeats
         )
-        # The measure: end to end against the forward passes and the CRF alone, arranged as the
+        # The target's measure: end to end against the forward passes and the CRF alone, arranged as the
         # pipeline runs them (model and CRF only); what is left is everything else.
         entry["other_share"] = 1.0 - entry["model_and_crf_only"]["wall_s"] / entry["end_to_end"]["wall_s"]
         # The older estimate, for comparison: model only + the CRF's single-thread time spread over the

@@ -198,7 +198,7 @@ def stored_tiles(store_dir: Path, name: str, count: int) -> tuple[np.ndarray, in
 
 
 def targets_of(results: dict[str, Any]) -> list[str]:
-    """The issue's targets against this run's figures, with the size of any miss."""
+    """The project's targets for `wsiuda tile` against this run's figures, with the size of any miss."""
 
     def run_of(backend: str, workers: int, slide: dict[str, Any]) -> dict[str, Any]:
         return next(r for r in slide["runs"] if r["backend"] == backend and r["workers"] == workers)

@@ -675,7 +675,7 @@ def targets_note(
     closure: dict[str, float | None],
     pair_title: Any,
 ) -> list[str]:
-    """The issue's targets, checked on the numbers above (Dice)."""
+    """The project's targets for adaptation, checked on the numbers above (Dice)."""
     lines = ["## Targets, checked on these numbers (Dice)", ""]
     main = cells[main_pair]
     ours = main.get("ours")

@@ -57,7 +57,7 @@ def precision_option() -> Callable[[F], F]:
         default="auto",
         show_default=True,
         help="Arithmetic of the network: int8 gives the same Dice, faster on a CPU by how much its int8 "
-        "instructions allow (2.6x with AVX-512 VNNI); auto uses it on a CPU when the model file carries an "
+        "instructions allow (2.7x with AVX-512 VNNI); auto uses it on a CPU when the model file carries an "
         "int8 calibration (models from `wsiuda adapt` and the default model do), else float32.",
     )
 

@@ -70,7 +70,7 @@ log = logging.getLogger("wsiuda.cli.segment")
     "--workers",
     type=click.IntRange(min=1),
     default=None,
-    help="Local workers [default: one per 2 cores, as far as memory allows; each takes up to 2 GB; "
+    help="Local workers [default: one per 2 cores, as far as memory allows; each is given 2.25 GB; "
     "a lone worker runs in this process].",
 )
 @click.option(

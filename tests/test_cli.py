@@ -41,17 +41,20 @@ def test_console_script_exit_codes_and_flushed_output(tmp_path: Path) -> None:
     assert "No such option" in wrong.stderr
 
 
-def test_no_top_level_cli_or_pipelines_package_is_installed() -> None:
-    import importlib.util
+def test_no_top_level_cli_or_pipelines_package_is_installed(tmp_path: Path) -> None:
+    """As the installed package is seen from outside the source tree (which has cli/ and pipelines/)."""
+    import os
 
-    import wsiuda.cli
-    import wsiuda.pipelines
-
-    assert wsiuda.cli.__name__ == "wsiuda.cli"
-    assert wsiuda.pipelines.__name__ == "wsiuda.pipelines"
-    for name in ("cli", "pipelines"):
-        spec = importlib.util.find_spec(name)
-        assert spec is None or "site-packages" not in str(spec.origin), f"top-level {name} installed"
+    probe = (
+        "import importlib.util, wsiuda.cli, wsiuda.pipelines; "
+        "print([importlib.util.find_spec(name) is None for name in ('cli', 'pipelines')])"
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    found = subprocess.run(
+        [sys.executable, "-P", "-c", probe], cwd=tmp_path, env=environment, capture_output=True, text=True
+    )
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == "[True, True]", "a top-level cli or pipelines package is installed"
 
 
 def test_help_lists_every_command() -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_file
 from PIL import Image
 
 from wsiuda.data import (
@@ -158,11 +159,11 @@ def test_target_from_tile_stores(tmp_path: Path) -> None:
 
 @pytest.mark.realdata
 def test_real_tnbc_and_monuseg_folders(shared: Path) -> None:
-    tnbc = read_labelled_folder(shared / "datasets" / "tnbc", image_mpp=0.25, mpp=0.25)
+    tnbc = read_labelled_folder(shared_file(shared, "datasets/tnbc"), image_mpp=0.25, mpp=0.25)
     assert len(tnbc.images) == 50 and len(tnbc.groups) == 11
     assert all(item.image.shape == (512, 512, 3) for item in tnbc.images)
     assert tnbc.license == "CC BY 4.0"
-    monuseg = read_labelled_folder(shared / "datasets" / "monuseg2018", image_mpp=0.25, mpp=0.25)
+    monuseg = read_labelled_folder(shared_file(shared, "datasets/monuseg2018"), image_mpp=0.25, mpp=0.25)
     assert len(monuseg.images) == 30  # the 14 official test images are held out
     assert all(item.group.startswith("TCGA-") for item in monuseg.images)
     assert not any("test" in (item.split or "").lower() for item in monuseg.images)

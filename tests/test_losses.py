@@ -57,11 +57,38 @@ def test_ramp_is_a_gaussian_peaking_at_30_with_a_slower_fall() -> None:
     assert losses.ramp_weight(30 - 10) < losses.ramp_weight(30 + 10)  # falls slower than it rises
 
 
-def test_consistency_is_zero_for_an_equivariant_map_and_mse_otherwise() -> None:
-    x = torch.rand(2, 1, 4, 4)
-    for k in range(8):
-        # S = identity is equivariant: S(T(x)) == T(S(x)).
-        assert losses.consistency_loss(losses.dihedral(x, k), losses.dihedral(x, k)).item() == 0.0
+def _convolution(kernel: list[list[float]]) -> torch.nn.Module:
+    """A 3-channel → 1 network whose 3x3 kernel is ``kernel`` on every channel."""
+    network = torch.nn.Conv2d(3, 1, 3, padding=1, bias=False)
+    with torch.no_grad():
+        network.weight.copy_(torch.tensor(kernel).expand(1, 3, 3, 3))
+    return network
+
+
+def test_consistency_is_zero_for_an_equivariant_network_and_not_otherwise() -> None:
+    """The trainer's term, MSE between S(T(x)) and T(S(x)): zero for a network that commutes with the 8
+    symmetries (a kernel symmetric under all of them), positive for one that does not, except under the
+    identity."""
+    from types import SimpleNamespace
+
+    from wsiuda.train.trainer import Trainer
+
+    x = torch.rand(8, 3, 12, 12)
+    symmetric = _convolution([[0.1, 0.5, 0.1], [0.5, -1.0, 0.5], [0.1, 0.5, 0.1]])
+    lopsided = _convolution([[0.9, 0.0, 0.0], [0.3, 0.0, 0.0], [0.0, 0.0, -0.7]])
+    for network, equivariant in ((symmetric, True), (lopsided, False)):
+        trainer = SimpleNamespace(s=network)
+        with torch.no_grad():
+            probabilities = torch.sigmoid(network(x))
+            for k in range(8):
+                term = Trainer.consistency(trainer, x, probabilities, (k,) * len(x)).item()  # type: ignore[arg-type]
+                if equivariant or k == 0:
+                    assert term == pytest.approx(0.0, abs=1e-12), (equivariant, k)
+                else:
+                    assert term > 1e-4, k
+
+
+def test_consistency_loss_is_the_mean_squared_error() -> None:
     a, b = torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.0])
     assert losses.consistency_loss(a, b).item() == pytest.approx((0.25 + 1.0) / 2)
 

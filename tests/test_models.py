@@ -79,15 +79,25 @@ def test_discriminator_scores_patches_of_the_probability_map() -> None:
     assert out.shape == (2, 1, 2, 2)
 
 
-def test_predict_returns_probabilities_for_any_size_and_matches_unpadded() -> None:
+def test_predict_returns_probabilities_for_any_size_and_is_the_network_where_none_is_padded() -> None:
+    import copy
+
+    from wsiuda.models.normalise import images_to_tensor
+
     torch.manual_seed(0)
-    segmenter = Segmenter.from_network(build_unet(width=4, depth=2), tiny_meta())
+    network = build_unet(width=4, depth=2)
+    original = copy.deepcopy(network).eval()
+    segmenter = Segmenter.from_network(network, tiny_meta())
     images = np.random.default_rng(0).integers(0, 256, (3, 37, 50, 3), dtype=np.uint8)
     probabilities = segmenter.predict(images, batch_size=2)
     assert probabilities.shape == (3, 37, 50) and probabilities.dtype == np.float32
     assert probabilities.min() >= 0 and probabilities.max() <= 1
-    # A size that needs no padding goes through untouched, and the batch size does not matter (eval mode).
+    # A size that needs no padding is the network's own output, and the batch size does not matter.
     square = images[:, :32, :32]
+    with torch.no_grad():
+        x = images_to_tensor(torch.from_numpy(np.ascontiguousarray(square)), tiny_meta().normalisation)
+        direct = torch.sigmoid(original(x))[:, 0].numpy()
+    np.testing.assert_allclose(segmenter.predict(square), direct, atol=1e-4)
     single = np.concatenate([segmenter.predict(square[i : i + 1]) for i in range(3)])
     np.testing.assert_allclose(segmenter.predict(square), single, atol=1e-5)
     with pytest.raises(ValueError, match="uint8"):

@@ -353,13 +353,26 @@ def test_outputs_are_what_qupath_napari_and_users_read(tmp_path: Path) -> None:
     assert "command: segment" in saved and "crf_params" in saved
 
 
-def test_the_work_after_the_crf_gives_the_same_outputs_in_its_helper_as_in_the_worker(tmp_path: Path) -> None:
+def test_the_work_after_the_crf_gives_the_same_outputs_in_its_helper_as_in_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A local worker that runs two tasks at once hands each tile to a CRF helper process, which goes on
     with the nuclei and the store write; run in this process (sync), every step runs here."""
     import dask.array as da
     from synthetic import synthetic_he
 
+    from wsiuda.pipelines import crf_helper
     from wsiuda.pipelines.segment.cluster import crf_helpers_per_worker
+
+    in_helper: dict[str, list[bool]] = {"helpers": [], "here": []}
+    running = ["helpers"]
+    real_result = crf_helper.PendingCrf.result
+
+    def recording_result(self: crf_helper.PendingCrf) -> object:
+        in_helper[running[0]].append(self._future is not None)  # handed to a helper process
+        return real_result(self)
+
+    monkeypatch.setattr(crf_helper.PendingCrf, "result", recording_result)
 
     slide = write_slide(
         tmp_path / "s.svs", synthetic_he((384, 512), seed=11, tissue=0.6), mpp=0.25, app_mag=40
@@ -372,8 +385,12 @@ def test_the_work_after_the_crf_gives_the_same_outputs_in_its_helper_as_in_the_w
     }
     if not crf_helpers_per_worker(runs["helpers"]):
         pytest.skip("one core: a local worker runs one task at a time, without CRF helpers")
-    for config in runs.values():
+    for name, config in runs.items():
+        running[0] = name
         assert not segment(config, predictor=DarkPredictor(), network=DARK_NETWORK).failures
+    assert in_helper["helpers"] and all(in_helper["helpers"]), "a tile's CRF ran outside the helpers"
+    assert not crf_helper._DISABLED, "a helper died and the CRF fell back to the worker"
+    assert in_helper["here"] and not any(in_helper["here"])
     helpers, here = (tmp_path / name for name in runs)
     assert (helpers / "n.geojson").read_bytes() == (here / "n.geojson").read_bytes()
     assert len(load_features(here / "n.geojson")) > 20

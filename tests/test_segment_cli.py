@@ -186,15 +186,20 @@ def test_one_file_output_for_several_slides_is_refused(
     assert "folder" in error_lines(result.output)[0]
 
 
-def test_without_a_model_the_missing_default_is_one_line(tmp_path: Path, small_slide: Path) -> None:
-    from wsiuda.models import default_model_path
+def test_without_a_model_the_missing_default_is_one_line(
+    tmp_path: Path, small_slide: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
 
-    if default_model_path().is_file():
-        pytest.skip("a default model ships with this install")
+    from wsiuda.pipelines.segment import model
+
+    # An install without the default model: its package folder holds no default.pt.
+    monkeypatch.setattr(model, "resources", SimpleNamespace(files=lambda package: tmp_path / "weights"))
     result = run(str(small_slide), "-o", str(tmp_path / "n.geojson"))
     assert result.exit_code == 2
     (line,) = error_lines(result.output)
     assert "-m" in line and "default model" in line
+    assert not list(tmp_path.glob("n.*"))  # nothing written before the model was found
 
 
 def test_a_slide_without_mpp_asks_for_slide_mpp(tmp_path: Path, dark_model: Path) -> None:
@@ -259,15 +264,33 @@ def test_one_local_worker_runs_in_this_process(
     """One local worker runs in this process, a task per core sharing the cores; same GeoJSON as sync.
 
     In int8 the tasks' forward passes run side by side and the CRF runs in a helper process."""
+    import os
+
     import distributed
 
+    from wsiuda.pipelines import crf_helper
+    from wsiuda.pipelines.segment import tasks
+
     made: list[bool] = []
+    network_slots: list[int] = []
+    in_helper: list[bool] = []
 
     def recording_cluster(**kwargs: object) -> distributed.LocalCluster:
         made.append(bool(kwargs["processes"]))
         return distributed.deploy.local.LocalCluster(**kwargs)  # type: ignore[arg-type]
 
+    def recording_slots(count: int) -> object:
+        network_slots.append(count)
+        return real_slots(count)
+
+    def recording_result(self: crf_helper.PendingCrf) -> object:
+        in_helper.append(self._future is not None)
+        return real_result(self)
+
+    real_slots, real_result = tasks.forward_slots, crf_helper.PendingCrf.result
     monkeypatch.setattr(distributed, "LocalCluster", recording_cluster)
+    monkeypatch.setattr(tasks, "forward_slots", recording_slots)
+    monkeypatch.setattr(crf_helper.PendingCrf, "result", recording_result)
     model = calibrated_dark_model if variant.startswith("int8") else dark_model
     common = ["-m", str(model), "--tile", "128", "--device", "cpu"]
     common += ["--no-crf"] if "no CRF" in variant else []
@@ -276,10 +299,56 @@ def test_one_local_worker_runs_in_this_process(
     assert made == [False]
     summary = json.loads((tmp_path / "a.summary.json").read_text())
     assert summary["run"]["precision"] == variant.split(",")[0]
+    cores = os.cpu_count() or 1
+    assert summary["run"]["threads_per_worker"] == cores
+    if variant.startswith("int8") and cores > 1:
+        assert network_slots and set(network_slots) == {cores}  # every task's pass beside the others
+        assert in_helper and all(in_helper)  # every tile's CRF in a helper process
+    else:
+        assert network_slots and set(network_slots) == {1}
+        assert not in_helper  # no CRF
     sync = run(str(small_slide), "-o", str(tmp_path / "b.geojson"), "--scheduler", "sync", *common)
     assert sync.exit_code == 0, sync.output
     assert len(load_features(tmp_path / "a.geojson")) > 5
     assert (tmp_path / "a.geojson").read_bytes() == (tmp_path / "b.geojson").read_bytes()
+
+
+def test_the_local_cluster_listens_on_loopback_only_and_never_on_port_8787(
+    tmp_path: Path, small_slide: Path, dark_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scheduler serves HTTP whatever its dashboard: left to itself, on port 8787 of every interface, so a
+    second run at the same time warned that the port was taken, and the slide's machine was reachable."""
+    import warnings
+
+    import distributed
+    import psutil
+
+    def listening() -> set[tuple[str, int]]:
+        return {
+            (connection.laddr.ip, connection.laddr.port)
+            for connection in psutil.Process().net_connections(kind="inet")
+            if connection.status == psutil.CONN_LISTEN
+        }
+
+    before = listening()
+    opened: set[tuple[str, int]] = set()
+    real_cluster = distributed.deploy.local.LocalCluster
+
+    def recording_cluster(**kwargs: object) -> distributed.LocalCluster:
+        cluster = real_cluster(**kwargs)  # type: ignore[arg-type]
+        opened.update(listening() - before)
+        return cluster
+
+    monkeypatch.setattr(distributed, "LocalCluster", recording_cluster)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run(
+            str(small_slide), "-o", str(tmp_path / "n.geojson"), "-m", str(dark_model), "--workers", "1"
+        )
+    assert result.exit_code == 0, result.output
+    assert opened, "the cluster opened no socket to check"
+    assert all(host == "127.0.0.1" and port != 8787 for host, port in opened), opened
+    assert not [warning for warning in caught if "already in use" in str(warning.message)]
 
 
 @pytest.mark.parametrize(("option", "downsample"), [([], 2.5), (["--crf-downsample", "1.5"], 1.5)])

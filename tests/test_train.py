@@ -195,7 +195,7 @@ def test_a_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(
     assert (fit(tiny(folders, tmp_path / "early"), progress=False) / "model.pt").is_file()
 
 
-def test_budget_stops_cleanly_and_target_val_only_reports(folders: dict[str, Path], tmp_path: Path) -> None:
+def test_budget_stops_cleanly_after_validating(folders: dict[str, Path], tmp_path: Path) -> None:
     config = tiny(folders, tmp_path / "run", epochs=5, budget_minutes=1e-9, target_val=folders["target_val"])
     run = fit(config, progress=False)
     summary = json.loads((run / "summary.json").read_text())
@@ -206,15 +206,38 @@ def test_budget_stops_cleanly_and_target_val_only_reports(folders: dict[str, Pat
     assert (run / "model.pt").is_file()
 
 
-def test_model_selection_follows_source_validation_only(folders: dict[str, Path], tmp_path: Path) -> None:
+def test_model_selection_follows_source_validation_only(
+    folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Source and target validation disagree on purpose: the model kept is the source's best epoch (2),
+    never the target's (4), and the target's Dice is only reported."""
+    import wsiuda.train.loop as loop
+
+    # Each validating epoch scores the source, then the target.
+    scripted = iter([0.5, 0.9, 0.7, 0.1, 0.6, 0.95, 0.4, 0.99])
+    real_mean_dice = loop.mean_dice
+
+    def scripted_mean_dice(segmenter: Segmenter, images: Any) -> float | None:
+        real_mean_dice(segmenter, images)
+        return next(scripted)
+
+    monkeypatch.setattr(loop, "mean_dice", scripted_mean_dice)
     config = tiny(folders, tmp_path / "run", method="source-only", epochs=4, target_val=folders["target_val"])
     run = fit(config, progress=False)
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    best = 0
-    for index, entry in enumerate(history):
-        if history[best]["source_val_dice"] < entry["source_val_dice"]:
-            best = index
-        assert entry["best_epoch"] == history[best]["epoch"]
+    assert [entry["source_val_dice"] for entry in history] == [0.5, 0.7, 0.6, 0.4]
+    assert [entry["target_val_dice"] for entry in history] == [0.9, 0.1, 0.95, 0.99]
+    assert [entry["best_epoch"] for entry in history] == [1, 2, 2, 2]
+    assert json.loads((run / "summary.json").read_text())["best_epoch"] == 2
+    monkeypatch.undo()
+    # model.pt holds the weights of epoch 2: those of a run that stopped there (CPU training is
+    # deterministic, and a source-only run's updates do not depend on how many epochs are planned).
+    two = tiny(folders, tmp_path / "two", method="source-only", epochs=2, target_val=folders["target_val"])
+    after_two = safe_load(fit(two, progress=False) / "last.pt", kind="checkpoint")["trainer"]["s"]
+    kept = safe_load(run / "model.pt", kind="model")["state_dict"]
+    last = safe_load(run / "last.pt", kind="checkpoint")["trainer"]["s"]
+    assert all(torch.equal(kept[key], after_two[key]) for key in kept)
+    assert not all(torch.equal(kept[key], last[key]) for key in kept)
 
 
 def test_config_and_output_errors(folders: dict[str, Path], tmp_path: Path) -> None:

@@ -126,7 +126,7 @@ def _flood(surface: np.ndarray, markers: np.ndarray, foreground: np.ndarray) -> 
     """The watershed of ``markers`` over ``surface`` within ``foreground``, piece by piece (int32).
 
     The watershed floods 4-connected pieces of the foreground independently: a piece holding one marker
-    is all that marker's, and only pieces holding several are flooded, each in its own box: about a third
+    is all that marker's, and only pieces holding several are flooded, each in its own box: two fifths
     of the time of one flood over a dense tile (benchmarks/results/nuclei_steps.md). A piece's split then
     also depends on the piece alone: flooded together, pieces change each other's order of equal heights,
     and with it a few pixels where two nuclei meet.

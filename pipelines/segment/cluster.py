@@ -171,7 +171,13 @@ def cluster_client(config: SegmentConfig) -> Iterator[Any]:
                 # A lone worker runs in this process: no process to spawn, and torch and the model are
                 # loaded once. That saves seconds per run, a real share on a small slide.
                 processes=processes,
-                dashboard_address=None,
+                # The scheduler and the workers always serve HTTP (health checks, metrics). Left to
+                # themselves, in-process ones listen on every interface, the scheduler on port 8787, where a
+                # second run at the same time warned that the port was taken. Here: on loopback, on free
+                # ports, and the scheduler without dashboard pages; nothing reaches them from elsewhere.
+                dashboard_address="127.0.0.1:0",
+                worker_dashboard_address="127.0.0.1:0",
+                scheduler_kwargs={"dashboard": False},
                 silence_logs=logging.ERROR,
             )
         try:

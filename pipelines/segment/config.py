@@ -14,8 +14,8 @@ SCHEDULER_SYNC = "sync"
 
 NUCLEI_MPP = 0.5
 """Default grid of the nuclei steps, µm/px. The probability is averaged over 2x2 working pixels at 0.25
-µm/px: the split then scores a higher AJI than on the working grid, with the CRF and without it, in about
-a third of the time (benchmarks/results/nuclei_steps.md). A nucleus of 6 µm spans 12 px on it."""
+µm/px: the split then scores a higher AJI than on the working grid, with the CRF and without it, in less
+than half the time (benchmarks/results/nuclei_steps.md). A nucleus of 6 µm spans 12 px on it."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,8 @@ class SegmentConfig:
     tile: int = 1024
     """Core tile side at the working mpp, px (the halo comes on top)."""
     batch_size: int | None = None
-    """Tiles per batch; None: 1 on a CPU (a 1024 tile's window needs ~1 GB in the network), 4 on a GPU."""
+    """Tiles per batch; None: 1 on a CPU (a process passing one 1024 tile's window through the float32
+    network peaked at 1255 MiB, benchmarks/results/forward_arrangements.md), 4 on a GPU."""
     workers: int | None = None
     """Local workers; None: one per 2 cores, as far as memory allows (see cluster.local_workers). Several
     run as processes; a lone worker runs in this process."""

@@ -269,17 +269,17 @@ AFTER_THE_CRF = (
     "wsiuda.instances",
     "wsiuda.polygons",
 )
-"""What a CRF helper imports to go on with a tile after its CRF (:func:`_crf_box_into_store`): 0.4 s, better
-spent while the worker imports torch than on the first tile. The third-party libraries lead, so that the
-helpers' fork server imports them once for all helpers (see crf_helper)."""
+"""What a CRF helper imports to go on with a tile after its CRF (:func:`_crf_box_into_store`): 0.4 s (timed
+by hand), better spent while the worker imports torch than on the first tile. The third-party libraries
+lead, so that the helpers' fork server imports them once for all helpers (see crf_helper)."""
 
 _OPEN_STORES: dict[str, tuple[tuple[int, int], MaskStore]] = {}
 _OPEN_STORES_LOCK = threading.Lock()
 
 
 def _open_store(path: str) -> MaskStore:
-    """The mask store at ``path``, opened once per process (2-3 ms a time) and opened again where the store
-    on disk has been made anew since (--overwrite) or its metadata rewritten."""
+    """The mask store at ``path``, opened once per process (2-3 ms a time, timed by hand) and opened again
+    where the store on disk has been made anew since (--overwrite) or its metadata rewritten."""
     root = os.stat(os.path.join(path, "zarr.json"))
     version = (root.st_ino, root.st_mtime_ns)
     with _OPEN_STORES_LOCK:
