@@ -24,6 +24,7 @@ from tqdm import tqdm
 from wsiuda._version import __version__
 from wsiuda.config import (
     atomic_write_text,
+    check_finite,
     check_precision,
     config_to_dict,
     prepare_output_folder,
@@ -69,6 +70,7 @@ class EvaluateConfig:
     """float32, int8 (CPU) or auto (int8 on a CPU where the model carries its calibration), as in segment."""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         object.__setattr__(self, "data", Path(self.data))
         if self.model is not None:
             object.__setattr__(self, "model", Path(self.model))

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from wsiuda._version import __version__
-from wsiuda.config import config_to_dict, prepare_output_folder, save_config
+from wsiuda.config import check_finite, config_to_dict, prepare_output_folder, save_config
 from wsiuda.errors import ConfigError, OutputError, SlideError, WsiudaError
 from wsiuda.geometry import Region
 from wsiuda.io import SlideReader, open_slide
@@ -72,6 +72,7 @@ class TileConfig:
     """Tiles per task; None: runs of 16-256 tiles that shrink towards the end (:func:`batch_sizes`)."""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         problems = []
         if not self.mpp > 0:
             problems.append(f"--mpp must be positive, got {self.mpp}")

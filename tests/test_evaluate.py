@@ -139,10 +139,17 @@ def test_bad_inputs_fail_with_one_clear_error(folder: Path, tmp_path: Path) -> N
         EvaluateConfig(data=folder, threshold=1.5)
     with pytest.raises(ConfigError, match="JSON"):
         EvaluateConfig(data=folder, output=tmp_path / "report.txt")
-    (folder / "mpp.txt").write_text("forty-x")
-    with pytest.raises(DataError, match=r"mpp\.txt"):
-        resolve_data_mpp(folder, None)
+    for bad in (b"forty-x", b"inf", b"nan", b"\xff\xfe\x00"):
+        (folder / "mpp.txt").write_bytes(bad)
+        with pytest.raises(DataError, match=r"mpp\.txt"):
+            resolve_data_mpp(folder, None)
     (folder / "mpp.txt").unlink()
+    (folder / "split.tsv").write_bytes(b"garbage\x00\xff\n")
+    with pytest.raises(DataError, match=r"split\.tsv is not a text file"):
+        evaluate(
+            EvaluateConfig(data=folder, crf=False, split="test"), segmenter=stand_in()[0], progress=False
+        )
+    (folder / "split.tsv").unlink()
     Image.fromarray(np.zeros((32, 64), dtype=np.uint8)).save(folder / "masks" / "a_1.png")
     segmenter, _ = stand_in()
     with pytest.raises(DataError, match=r"a_1\.png"):

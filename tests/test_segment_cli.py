@@ -367,12 +367,36 @@ def test_the_crf_grid_the_run_used_is_recorded(
 
 def test_an_unreachable_scheduler_is_one_line(tmp_path: Path, small_slide: Path, dark_model: Path) -> None:
     import dask
+    import distributed  # noqa: F401 -- its defaults join dask's config first, or leaving the block drops them
 
     args = [str(small_slide), "-o", str(tmp_path / "n.geojson"), "-m", str(dark_model)]
     with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
         result = run(*args, "--scheduler", "tcp://127.0.0.1:9")
     assert result.exit_code == 2
     assert "scheduler" in error_lines(result.output)[0]
+
+
+def test_a_scheduler_that_is_no_address_is_one_line(
+    tmp_path: Path, small_slide: Path, dark_model: Path
+) -> None:
+    result = run(
+        str(small_slide), "-o", str(tmp_path / "n.geojson"), "-m", str(dark_model), "--scheduler", "foo"
+    )
+    assert result.exit_code == 2, result.output
+    (line,) = error_lines(result.output)
+    assert "--scheduler foo" in line and "tcp://" in line
+
+
+@pytest.mark.parametrize("option", ["--mpp", "--slide-mpp", "--nuclei-mpp"])
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_a_number_that_is_not_finite_is_refused(
+    tmp_path: Path, small_slide: Path, dark_model: Path, option: str, value: str
+) -> None:
+    result = run(str(small_slide), "-o", str(tmp_path / "n.geojson"), "-m", str(dark_model), option, value)
+    assert result.exit_code == 2, result.output
+    (line,) = [line for line in result.output.splitlines() if line.strip()]
+    assert line.startswith("Error:") and value in line
+    assert not list(tmp_path.glob("n.*"))
 
 
 @pytest.mark.realdata

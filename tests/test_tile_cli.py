@@ -98,11 +98,16 @@ def test_20x_slide_is_upsampled_to_40x(synthetic_slide_20x: Path, tmp_path: Path
 def test_jpeg_default_codec_and_two_workers_match_one(synthetic_slide_20x: Path, tmp_path: Path) -> None:
     args = ["--mpp", "0.5", "--tile", "128", "--halo", "8"]
     one = tile(synthetic_slide_20x, "-o", tmp_path / "one", *args, "--workers", "1")
+    earlier_server = multiprocessing.forkserver._forkserver._forkserver_pid  # None without a fork server
     two = tile(synthetic_slide_20x, "-o", tmp_path / "two", *args, "--workers", "2")
     assert one.exit_code == 0 and two.exit_code == 0, one.output + two.output
     # The workers' fork server ends with the command, not when this process does.
-    server = multiprocessing.forkserver._forkserver._forkserver_pid  # None without a fork server
-    assert server is None or process_ends(server), "the fork server outlived the command"
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        server = multiprocessing.forkserver._forkserver._forkserver_pid
+        assert server is not None and server != earlier_server, (
+            "the workers came from no fork server of theirs"
+        )
+        assert process_ends(server), "the fork server outlived the command"
     store = TileStore.open(tmp_path / "one" / "synthetic-20x.zarr")
     assert store.attrs["codec"] == "jpeg"
     assert chunk_files(tmp_path / "one" / "synthetic-20x.zarr") == chunk_files(

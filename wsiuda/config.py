@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -20,6 +21,15 @@ C = TypeVar("C")
 PRECISIONS = ("auto", "float32", "int8")
 """Arithmetic of the network at inference; ``auto`` is int8 on a CPU when the model file carries an int8
 calibration (see wsiuda.models.quantize), else float32."""
+
+
+def check_finite(config: Any) -> None:
+    """Refuse a config holding an infinite or NaN number. Range checks let infinity through and NaN fails
+    every comparison quietly: a run with either would go on to empty or meaningless results."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{field.name.replace('_', ' ')} must be a finite number, got {value}")
 
 
 def check_precision(precision: str) -> None:

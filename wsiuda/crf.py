@@ -26,6 +26,7 @@ from fractions import Fraction
 import cv2
 import numpy as np
 
+from wsiuda.config import check_finite
 from wsiuda.errors import ConfigError
 
 # A Gaussian kernel is cut where it has fallen below exp(-truncate²/2) of its peak (1.1% at 3σ).
@@ -58,6 +59,7 @@ class CrfParams:
     """Block size in px for ``uncertain_margin``."""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         for name in ("w1", "w2"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"CRF {name} must be >= 0, got {getattr(self, name)}")

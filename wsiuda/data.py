@@ -14,6 +14,7 @@ fly: tissue tiles are listed once, then random tiles are read as training asks f
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,7 +92,7 @@ def read_split_table(root: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
     table = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_text_of(path, "lines of 'name<TAB>split'").splitlines(), start=1):
         if not line.strip() or line.startswith("#"):
             continue
         parts = line.split("\t")
@@ -99,6 +100,14 @@ def read_split_table(root: Path) -> dict[str, str]:
             raise DataError(f"{path}:{number}: expected 'name<TAB>split', got {line!r}")
         table[Path(parts[0].strip()).stem] = parts[1].strip()
     return table
+
+
+def _text_of(path: Path, expected: str) -> str:
+    """A small text file of a dataset folder; one that is not UTF-8 text is a DataError naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not a text file; it should hold {expected}") from None
 
 
 def is_held_out(split: str | None, held_out: Sequence[str]) -> bool:
@@ -165,12 +174,12 @@ def folder_mpp(root: Path) -> float | None:
     path = Path(root) / MPP_FILE
     if not path.is_file():
         return None
-    text = path.read_text(encoding="utf-8").split("#", 1)[0].strip()
+    text = _text_of(path, "one positive number (µm per pixel, e.g. 0.25)").split("#", 1)[0].strip()
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value > 0:
+    if not (math.isfinite(value) and value > 0):
         raise DataError(f"{path}: expected one positive number (µm per pixel, e.g. 0.25), got {text!r}")
     return value
 

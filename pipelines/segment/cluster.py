@@ -130,6 +130,10 @@ def cluster_client(config: SegmentConfig) -> Iterator[Any]:
             raise ConfigError(
                 f"cannot reach the Dask scheduler at {config.scheduler} ({error}); check the address"
             ) from None
+        except ValueError as error:  # not an address at all
+            raise ConfigError(
+                f"--scheduler {config.scheduler}: {error}; give a scheduler's address, e.g. tcp://host:8786"
+            ) from None
         try:
             yield client
         finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wsiuda.config import check_precision
+from wsiuda.config import check_finite, check_precision
 from wsiuda.crf import DEFAULT_CRF, CrfParams
 from wsiuda.errors import ConfigError
 from wsiuda.io.dispatch import BACKENDS
@@ -64,6 +64,7 @@ class SegmentConfig:
     overlay_size: int = 2048
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if not self.inputs:
             raise ConfigError("give at least one slide, tile store or folder to segment")
         if not self.output:

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from wsiuda.config import config_from_dict
+from wsiuda.config import check_finite, config_from_dict
 from wsiuda.errors import ConfigError
 
 METHODS = ("ours", "source-only", "da-adv", "cellseguda", "cbst")
@@ -148,6 +148,7 @@ class AdaptConfig:
         self.validate()
 
     def validate(self) -> None:
+        check_finite(self)
         if not self.source:
             raise ConfigError("no --source given; pass a labelled folder (images/ + masks/)")
         if self.method != "source-only" and not self.target:
