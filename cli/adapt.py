@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from click.core import ParameterSource
 
-from wsiuda.cli.options import device_option, mpp_option
+from wsiuda.cli.main import stopped_by
+from wsiuda.cli.options import device_option, mpp_option, slide_mpp_option
 from wsiuda.train.config import METHODS, AdaptConfig
+
+if TYPE_CHECKING:
+    from wsiuda.train.loop import TrainingInterrupted
 
 F = Callable[..., Any]
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(AdaptConfig)}
@@ -111,6 +116,7 @@ def run_command(ctx: click.Context, values: dict[str, Any], *, method: str) -> N
     """Build the config from the given options (or the resumed run's), train, and report the run folder."""
     from wsiuda.errors import ConfigError
     from wsiuda.pipelines.adapt import resume_config, run_training
+    from wsiuda.train.loop import TrainingInterrupted
 
     given = {
         name: value
@@ -141,8 +147,32 @@ def run_command(ctx: click.Context, values: dict[str, Any], *, method: str) -> N
         if flags["no_self_ensembling"]:
             kwargs["consistency_k"] = 0.0
         config = AdaptConfig(**kwargs)
-    run = run_training(config, progress=progress)
+    try:
+        run = run_training(config, progress=progress)
+    except TrainingInterrupted as interrupted:
+        # Said here, where the command and the run folder are known; exiting (rather than re-raising)
+        # keeps the command group from adding its generic line.
+        word, code = stopped_by(interrupted)
+        changes = given if resume is not None else {}
+        message = interrupted_message(
+            interrupted, stopped=word, command=str(ctx.command.name), changes=changes
+        )
+        click.echo(message, err=True)
+        ctx.exit(code)
     click.echo(f"model: {run / 'model.pt'}")
+
+
+def interrupted_message(
+    interrupted: TrainingInterrupted, *, stopped: str, command: str, changes: dict[str, Any]
+) -> str:
+    """One line: what the stopped run keeps, and the command that goes on from there. A resumed run's
+    changes (--epochs and the like) are not saved in its config.yaml, so the command repeats them."""
+    if interrupted.epoch is None:
+        return f"{stopped} before the first epoch ended; nothing was kept: run the same command again"
+    words = ["wsiuda", command, "--resume", str(interrupted.run)]
+    for name, value in changes.items():
+        words += [f"--{name.replace('_', '-')}", str(value)]
+    return f"{stopped}; epoch {interrupted.epoch} is kept: go on with `{shlex.join(words)}`"
 
 
 @click.command(name="adapt")
@@ -157,6 +187,7 @@ def run_command(ctx: click.Context, values: dict[str, Any], *, method: str) -> N
 @click.option(
     "--method", type=click.Choice(METHODS), default="ours", show_default=True, help="Training method."
 )
+@slide_mpp_option()
 @click.option("--no-em", is_flag=True, help="Ablation of ours: no entropy-minimisation term.")
 @click.option("--no-self-ensembling", is_flag=True, help="Ablation of ours: no rot/flip consistency term.")
 @click.option(

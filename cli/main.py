@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 from typing import Any
 
@@ -31,12 +32,32 @@ COMMANDS: dict[str, tuple[str, str]] = {
 ON_INTERRUPT: dict[str, str] = {
     "tile": "finished tiles are kept: run the same command again to go on",
     "segment": "finished tiles are kept: run the same command again to go on",
-    "adapt": "the last finished epoch is kept: go on with `wsiuda adapt --resume RUN_FOLDER`",
-    "train": "the last finished epoch is kept: go on with `wsiuda train --resume RUN_FOLDER`",
+    # Once training has started, adapt and train say themselves what the run folder keeps (cli/adapt.py).
+    "adapt": "training had not started; run the same command again",
+    "train": "training had not started; run the same command again",
     "evaluate": "no report was written",
 }
 INTERRUPTED_EXIT_CODE = 130
 """128 + SIGINT, as shells report a command that Ctrl-C stopped."""
+TERMINATED_EXIT_CODE = 143
+"""128 + SIGTERM, as shells report a command that SIGTERM stopped."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as a batch scheduler (Slurm, a container's stop) sends it before killing a job: stopped as
+    Ctrl-C stops a command, through the same clean-up, so that what is finished is kept and resumable."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def stopped_by(interrupt: BaseException) -> tuple[str, int]:
+    """("Interrupted", 130) for a Ctrl-C, ("Terminated", 143) for a SIGTERM, also where another
+    KeyboardInterrupt was raised from it: how the command's last line starts, and its exit code."""
+    if isinstance(interrupt, Terminated) or isinstance(interrupt.__cause__, Terminated):
+        return "Terminated", TERMINATED_EXIT_CODE
+    return "Interrupted", INTERRUPTED_EXIT_CODE
 
 
 class LazyGroup(click.Group):
@@ -62,10 +83,16 @@ class LazyGroup(click.Group):
             # A user's mistake: one line, no traceback.
             click.echo(f"Error: {error}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
+        except click.UsageError as error:
+            # An option's value or a command's name: one line, with where to read more, not click's three.
+            command = f"wsiuda {error.ctx.info_name}" if error.ctx and error.ctx.parent else "wsiuda"
+            click.echo(f"Error: {error.format_message().rstrip('.')}; see `{command} --help`.", err=True)
+            sys.exit(error.exit_code)
+        except KeyboardInterrupt as interrupt:
+            word, code = stopped_by(interrupt)
             hint = ON_INTERRUPT.get(ctx.invoked_subcommand or "")
-            click.echo(f"Interrupted; {hint}." if hint else "Interrupted.", err=True)
-            sys.exit(INTERRUPTED_EXIT_CODE)
+            click.echo(f"{word}; {hint}." if hint else f"{word}.", err=True)
+            sys.exit(code)
 
 
 class _Formatter(logging.Formatter):
@@ -111,6 +138,7 @@ def main() -> None:
     # garbage collector may wait longer between runs.
     reuse_freed_memory()
     collect_garbage_less_often()
+    signal.signal(signal.SIGTERM, _raise_terminated)
     code: int | str | None = 0
     try:
         cli()

@@ -18,7 +18,6 @@ from wsiuda.cli.options import (
     tile_option,
     workers_option,
 )
-from wsiuda.errors import SlideError
 
 
 @click.command(name="tile")
@@ -71,7 +70,7 @@ def command(
     """Extract tissue tiles at --mpp from SLIDE_OR_DIR... into OUT/<name>.zarr (zarr v3), resumably.
 
     A rerun finishes interrupted stores and skips complete ones; --overwrite redoes them. Bad slides are
-    reported and skipped; the exit code is non-zero if any failed.
+    reported (on stderr) and skipped; the exit code is then 1.
     """
     from wsiuda.pipelines.tile import TileConfig, run_tile, summary_line
 
@@ -90,8 +89,14 @@ def command(
     progress = not quiet and sys.stderr.isatty()
     logging.getLogger(__name__).debug("tiling %d input(s) into %s", len(inputs), out_dir)
     results = run_tile(list(inputs), out_dir, config, overwrite=overwrite, progress=progress)
-    for result in results:
-        click.echo(summary_line(result))
+    for result in results:  # failures on stderr, as errors go, so they show where stdout is redirected
+        click.echo(summary_line(result), err=result.failed)
     failed = [r for r in results if r.failed]
+    # As `wsiuda segment`: a batch ends with the count; failed slides exit 1, a bad command line 2.
     if failed:
-        raise SlideError(f"{len(failed)} of {len(results)} slides failed (listed above); the others are done")
+        if len(results) > 1:
+            click.echo(
+                f"Error: {len(failed)} of {len(results)} slides failed (listed above); the others are done",
+                err=True,
+            )
+        sys.exit(1)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib
 import logging
 import multiprocessing
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -39,7 +40,7 @@ import numpy as np
 
 from wsiuda.allocator import reuse_freed_memory
 from wsiuda.crf import CrfParams, crf_on_grid, dense_crf, from_crf_grid, to_crf_grid
-from wsiuda.pipelines.worker_setup import leave_interrupts_to_the_parent, stop_fork_server
+from wsiuda.pipelines.worker_setup import serve_the_command, start_fork_server, stop_fork_server
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +165,9 @@ def start_helpers(helpers: int, *, preload: Sequence[str] = ()) -> Future[None]:
     return started
 
 
-def _start_helper() -> None:
+def _start_helper(command_pid: int) -> None:
     reuse_freed_memory()
-    leave_interrupts_to_the_parent()
+    serve_the_command(command_pid)
 
 
 def _load_libraries(modules: tuple[str, ...]) -> None:
@@ -208,8 +209,14 @@ def _helper(helpers: int, *, preload: Sequence[str] = ()) -> ProcessPoolExecutor
         return None
     with _HELPER_LOCK:
         if _HELPER is None:
+            context = _context(preload)
+            if context.get_start_method() == "forkserver":
+                start_fork_server()
             _HELPER = ProcessPoolExecutor(
-                max_workers=max(1, helpers), mp_context=_context(preload), initializer=_start_helper
+                max_workers=max(1, helpers),
+                mp_context=context,
+                initializer=_start_helper,
+                initargs=(os.getpid(),),
             )
         return _HELPER
 

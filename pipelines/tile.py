@@ -325,16 +325,16 @@ def _runs(sizes: list[int]) -> list[slice]:
     return [slice(end - size, end) for size, end in zip(sizes, itertools.accumulate(sizes), strict=True)]
 
 
-def _warm_worker() -> None:
+def _warm_worker(command_pid: int) -> None:
     """Worker initialiser: pay the imports while the parent is still planning, keep OpenCV to one
-    thread per worker (the workers already fill the cores) and leave Ctrl-C to the parent."""
+    thread per worker (the workers already fill the cores), and serve the command (worker_setup)."""
     import cv2
 
     import wsiuda.pipelines.tile  # noqa: F401
-    from wsiuda.pipelines.worker_setup import leave_interrupts_to_the_parent
+    from wsiuda.pipelines.worker_setup import serve_the_command
 
     cv2.setNumThreads(1)
-    leave_interrupts_to_the_parent()
+    serve_the_command(command_pid)
 
 
 def start_pool(workers: int) -> Executor | None:
@@ -356,9 +356,12 @@ def start_pool(workers: int) -> Executor | None:
         # could import a different `wsiuda` (e.g. the source folder when run from a checkout); workers
         # import wsiuda themselves, after receiving the right sys.path.
         context.set_forkserver_preload(list(WORKER_PRELOAD))
+        from wsiuda.pipelines.worker_setup import start_fork_server
+
+        start_fork_server()
     else:
         context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_warm_worker)
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_warm_worker, initargs=(os.getpid(),))
     for _ in range(workers):  # start the processes now rather than at the first task
         pool.submit(int)
     return pool

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
+import threading
+import time
 from typing import Any
 
 from wsiuda.allocator import collect_garbage_less_often
@@ -19,6 +22,84 @@ def dask_setup(worker: Any) -> None:
     """Called by Dask in a new worker process, before it runs a task."""
     collect_garbage_less_often()
     leave_interrupts_to_the_parent()
+
+
+def serve_the_command(command_pid: int) -> None:
+    """Set up a process of one of the command's own pools (CRF helpers, `wsiuda tile`'s workers): the
+    command alone answers Ctrl-C and SIGTERM, and stops the pool; the process ends when the command does."""
+    leave_interrupts_to_the_parent()
+    # A batch scheduler sends SIGTERM to every process of the job: the command then stops as on Ctrl-C.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    end_with(command_pid)
+
+
+def start_fork_server() -> None:
+    """Start this process's multiprocessing fork server now (its preload set), deaf to SIGTERM.
+
+    A batch scheduler's SIGTERM reaches every process of the job, and the command stops its pools itself
+    (see serve_the_command). A fork server killed by it, though, breaks every pool forked from it at once:
+    a pool learns of its processes' exits through the server. An ignored signal stays ignored across the
+    exec that starts the server, so it is started with SIGTERM ignored for that moment. Only the main
+    thread may set a signal's handler; from another the server starts as it is.
+    """
+    from multiprocessing import forkserver
+
+    try:
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        forkserver.ensure_running()
+        return
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def end_with(command_pid: int) -> None:
+    """End this pool process, and the fork server it came from, as soon as the command's process ends.
+
+    A command that exits, or is interrupted, shuts its pools down itself. One that is killed (SIGKILL, the
+    kernel's out-of-memory killer) cannot: its fork server and the pool's processes, forks of that server
+    rather than of the command, went on holding hundreds of MB each until the machine rebooted. Their
+    parent being the fork server, the kernel's parent-death signal does not reach them; so a thread waits
+    for the command's process to end, then ends the fork server and this process. Where the command is
+    already gone by the time the thread starts, the same happens at once.
+    """
+
+    def wait_then_end() -> None:
+        _wait_for_exit(command_pid)
+        server = os.getppid()
+        if server not in (1, command_pid):  # a fork server's child: the server goes too
+            with contextlib.suppress(OSError):
+                os.kill(server, signal.SIGKILL)
+        os._exit(1)
+
+    threading.Thread(target=wait_then_end, name="end-with-command", daemon=True).start()
+
+
+def _wait_for_exit(pid: int) -> None:
+    """Block until process ``pid`` has ended: on a pidfd where the system has them (Linux 5.3+), else by
+    checking every second."""
+    try:
+        handle = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfds here, or the process is already gone
+        while _alive(pid):
+            time.sleep(1.0)
+        return
+    try:
+        select.select([handle], [], [])
+    finally:
+        os.close(handle)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process has taken the number: ours is gone
+        return False
+    return True
 
 
 def leave_interrupts_to_the_parent() -> None:

@@ -38,7 +38,25 @@ def test_console_script_exit_codes_and_flushed_output(tmp_path: Path) -> None:
     assert f"Error: {missing}: no such file" in failed.stderr
     wrong = subprocess.run([command, "segment", "--no-such-option"], capture_output=True, text=True)
     assert wrong.returncode == 2
-    assert "No such option" in wrong.stderr
+    assert wrong.stderr.splitlines() == [
+        "Error: No such option '--no-such-option'; see `wsiuda segment --help`."
+    ]
+
+
+def test_a_bad_option_value_or_command_is_one_line_pointing_to_help() -> None:
+    cases = {
+        ("segment", "slide.svs", "--tile", "0"): "Invalid value for '--tile'",
+        ("tile", "slide.svs", "--workers", "0"): "Invalid value for '--workers'",
+        ("evaluate", "--data", "folder", "--precision", "int4"): "Invalid value for '--precision'",
+        ("segment",): "Missing argument",
+        ("segmnt",): "No such command 'segmnt'",
+    }
+    for arguments, message in cases.items():
+        result = CliRunner().invoke(cli, list(arguments))
+        assert result.exit_code == 2, arguments
+        (line,) = result.output.splitlines()
+        command = "wsiuda" if arguments[0] == "segmnt" else f"wsiuda {arguments[0]}"
+        assert line.startswith(f"Error: {message}") and line.endswith(f"; see `{command} --help`."), line
 
 
 def test_no_top_level_cli_or_pipelines_package_is_installed(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -143,16 +144,79 @@ def test_target_sources_images_slides_and_errors(tmp_path: Path, synthetic_slide
     pool.close()
 
 
-def test_target_from_tile_stores(tmp_path: Path) -> None:
+def write_slide_without_mpp(path: Path) -> Path:
+    """A tiled TIFF (so read as a slide, not a plain image) of H&E-like tissue, with no µm/px recorded."""
+    import tifffile
+    from synthetic import synthetic_he
+
+    tifffile.imwrite(path, synthetic_he((512, 640), seed=3, tissue=0.6), tile=(256, 256), photometric="rgb")
+    return path
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+
+
+def test_a_target_folder_leaves_out_unusable_slides_with_one_warning_each(
+    tmp_path: Path, synthetic_slide: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    (folder / "good.svs").symlink_to(synthetic_slide)
+    corrupt = folder / "corrupt.svs"
+    corrupt.write_bytes(synthetic_slide.read_bytes()[:20000])
+    no_mpp = write_slide_without_mpp(folder / "no-mpp.tif")
+    with caplog.at_level(logging.WARNING, logger="wsiuda"):
+        pool = open_target(folder, image_mpp=0.25, mpp=0.25, size=128)
+    assert isinstance(pool, SlidePool) and {path.name for path, _, _ in pool.tiles} == {"good.svs"}
+    pool.close()
+    corrupt_warning, no_mpp_warning = sorted(warnings_of(caplog))
+    assert str(corrupt) in corrupt_warning and "truncated" in corrupt_warning
+    assert str(no_mpp) in no_mpp_warning and "pass --slide-mpp" in no_mpp_warning
+    (folder / "good.svs").unlink()
+    with pytest.raises(DataError, match=r"slides: none of its 2 target files is usable"):
+        open_target(folder, image_mpp=0.25, mpp=0.25, size=128)
+    # A slide given by itself is the whole target: it stands or falls with it.
+    with pytest.raises(DataError, match=r"corrupt\.svs: .*truncated"):
+        open_target(corrupt, image_mpp=0.25, mpp=0.25, size=128)
+
+
+def test_slide_mpp_supplies_a_target_slides_missing_resolution(tmp_path: Path) -> None:
+    slide = write_slide_without_mpp(tmp_path / "no-mpp.tif")
+    with pytest.raises(DataError, match=r"no-mpp\.tif has no mpp in its metadata; pass --slide-mpp"):
+        open_target(slide, image_mpp=0.25, mpp=0.25, size=64)
+    pool = open_target(slide, image_mpp=0.25, mpp=0.25, size=64, slide_mpp=0.5)
+    assert isinstance(pool, SlidePool) and {scale for _, scale, _ in pool.tiles} == {2.0}
+    assert pool.sample(np.random.default_rng(0), count=2, size=64).shape == (2, 64, 64, 3)
+    pool.close()
+
+
+def test_target_from_tile_stores(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from wsiuda.io.store import TileStore
 
-    store = TileStore.create(
-        tmp_path / "slide.zarr", regions=[Region(0, 0, 32, 32), Region(0, 32, 32, 32)], tile=32, halo=8,
-        codec="zstd", metadata={"target_mpp": 0.5},
-    )  # fmt: skip
-    store.write_tile(0, np.full((48, 48, 3), 100, dtype=np.uint8))
-    pool = open_target(tmp_path, image_mpp=0.25, mpp=0.25, size=64)
-    assert isinstance(pool, StorePool) and len(pool) == 1  # only written tiles are sampled
+    def store(name: str, *, finished: bool) -> Path:
+        tiles = TileStore.create(
+            tmp_path / name, regions=[Region(0, 0, 32, 32), Region(0, 32, 32, 32)], tile=32, halo=8,
+            codec="zstd", metadata={"target_mpp": 0.5},
+        )  # fmt: skip
+        for index in (0, 1) if finished else (0,):
+            tiles.write_tile(index, np.full((48, 48, 3), 100, dtype=np.uint8))
+        if finished:
+            tiles.mark_complete()
+        return tiles.path
+
+    # An interrupted `wsiuda tile` would have the run train on part of its slide: refused, as by segment.
+    interrupted = store("interrupted.zarr", finished=False)
+    incomplete = r"interrupted\.zarr: the tile store is incomplete; finish it with `wsiuda tile` first"
+    for target in (interrupted, tmp_path):
+        with pytest.raises(DataError, match=incomplete):
+            open_target(target, image_mpp=0.25, mpp=0.25, size=64)
+    store("finished.zarr", finished=True)
+    with caplog.at_level(logging.WARNING, logger="wsiuda"):
+        pool = open_target(tmp_path, image_mpp=0.25, mpp=0.25, size=64)
+    assert isinstance(pool, StorePool) and len(pool) == 2  # the finished store's tiles only
+    (warning,) = warnings_of(caplog)
+    assert "left out of the target" in warning and str(interrupted) in warning
     patches = pool.sample(np.random.default_rng(0), count=2, size=64)  # 48 px at 0.5 -> 96 px at 0.25
     assert patches.shape == (2, 64, 64, 3) and (patches == 100).all()
 

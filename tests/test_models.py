@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +225,47 @@ def test_a_full_disk_while_saving_is_an_output_error_and_keeps_the_old_file(
     assert list(tmp_path.iterdir()) == [path]
 
 
+class DiskFillsUpAfter4KiB:
+    """A stand-in for ``open`` whose file takes 4 KiB and then fails with ENOSPC, as a small disk does."""
+
+    def __init__(self, name: str, mode: str) -> None:
+        self.file = open(name, mode, buffering=0)  # noqa: SIM115 -- closed by __exit__
+        self.room = 4096
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data).cast("B")
+        if len(view) > self.room:
+            self.file.write(view[: self.room])
+            self.room = 0
+            raise OSError(28, "No space left on device")
+        self.room -= len(view)
+        return int(self.file.write(view) or 0)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.file, name)
+
+    def __enter__(self) -> DiskFillsUpAfter4KiB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+
+def test_a_disk_that_fills_up_while_saving_is_an_output_error_and_keeps_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wsiuda.models.files as files
+    from wsiuda.errors import OutputError
+
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"the previous model")
+    monkeypatch.setattr(files, "open", DiskFillsUpAfter4KiB, raising=False)
+    with pytest.raises(OutputError, match=f"cannot write {path}: No space left on device"):
+        save_model(path, build_unet(width=8, depth=2), tiny_meta())
+    assert path.read_bytes() == b"the previous model"
+    assert list(tmp_path.iterdir()) == [path]
+
+
 class Payload:
     """Unpickling this runs os.system, which would write a marker file."""
 
@@ -275,17 +317,27 @@ def test_incompatible_files_give_one_line_errors(tmp_path: Path) -> None:
         {"format": "wsiuda-model", "meta": wrong, "state_dict": net.state_dict()}, tmp_path / "wrong.pt"
     )
     (tmp_path / "text.pt").write_text("not a model")
+    with zipfile.ZipFile(tmp_path / "zip.pt", "w") as archive:  # a zip, but no torch archive
+        archive.writestr("a.txt", "hello")
+    torch.save(net.state_dict(), tmp_path / "bare.pt")  # a plain state_dict, as other tools save them
+    (tmp_path / "folder.pt").mkdir()
+    fix = "pass a model.pt written by `wsiuda adapt` or `wsiuda train`"
     cases = {
-        "new.pt": "format version",
-        "arch.pt": "unknown architecture",
-        "wrong.pt": "do not fit",
-        "text.pt": "not a readable",
-        "missing.pt": "does not exist",
+        "new.pt": ("format version", "upgrade wsiuda"),
+        "arch.pt": ("arch.pt has malformed metadata: unknown architecture", fix),
+        "wrong.pt": ("do not fit", "size mismatch", fix),
+        "text.pt": ("not a readable", fix),
+        "zip.pt": ("not a readable model file (file in archive is not in a subdirectory", fix),
+        "bare.pt": ("is not a wsiuda model file", fix),
+        "folder.pt": ("is a folder", fix),
+        "missing.pt": ("does not exist", fix),
     }
-    for name, message in cases.items():
-        with pytest.raises(ModelError, match=message) as info:
+    for name, parts in cases.items():
+        with pytest.raises(ModelError) as info:
             Segmenter.load(tmp_path / name, device="cpu")
-        assert "\n" not in str(info.value)
+        message = str(info.value)
+        assert "\n" not in message and "enforce fail" not in message, message
+        assert str(tmp_path / name) in message and all(part in message for part in parts), message
 
 
 def test_default_model_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

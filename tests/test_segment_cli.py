@@ -149,13 +149,40 @@ def test_a_full_disk_is_one_line_and_a_rerun_resumes(
 
 
 def test_an_incompatible_model_file_is_one_line(tmp_path: Path, small_slide: Path) -> None:
-    model = tmp_path / "model.pt"
-    model.write_text("not a model")
-    result = run(str(small_slide), "-o", str(tmp_path / "n.geojson"), "-m", str(model))
+    (tmp_path / "text.pt").write_text("not a model")
+    (tmp_path / "folder.pt").mkdir()
+    for name in ("text.pt", "folder.pt", "missing.pt"):
+        result = run(str(small_slide), "-o", str(tmp_path / "n.geojson"), "-m", str(tmp_path / name))
+        assert result.exit_code == 2
+        (line,) = error_lines(result.output)
+        assert name in line and "pass a model.pt written by `wsiuda adapt`" in line, line
+        assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("taken", ["n.geojson", "n.summary.json", "n.overlay.png"])
+def test_a_folder_where_an_output_file_goes_is_one_line_before_any_work(
+    tmp_path: Path, small_slide: Path, dark_model: Path, taken: str
+) -> None:
+    (tmp_path / taken).mkdir()
+    args = [str(small_slide), "-o", str(tmp_path / "n.geojson"), "-m", str(dark_model), "--overwrite"]
+    result = run(*args)
+    assert result.exit_code == 1
+    (line,) = error_lines(result.output)
+    assert f"{tmp_path / taken} is a folder" in line and "choose another -o" in line
+    assert not (tmp_path / "n.mask.zarr").exists()  # no tile was run
+
+
+def test_a_missing_gpu_is_one_line_about_the_device(
+    tmp_path: Path, small_slide: Path, dark_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = [str(small_slide), "-o", str(tmp_path / "n.geojson"), "-m", str(dark_model), "--device", "cuda"]
+    result = run(*args)
     assert result.exit_code == 2
     (line,) = error_lines(result.output)
-    assert "model.pt" in line
-    assert len(result.output.strip().splitlines()) == 1
+    assert line == "Error: --device cuda was asked for but torch sees no GPU (use --device cpu or auto)"
 
 
 def test_an_unwritable_output_is_one_line(tmp_path: Path, small_slide: Path, dark_model: Path) -> None:

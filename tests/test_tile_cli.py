@@ -80,7 +80,7 @@ def test_rerun_skips_complete_store_and_overwrite_redoes_it(synthetic_slide: Pat
 def test_rerun_with_other_settings_is_refused(synthetic_slide: Path, tmp_path: Path) -> None:
     assert tile(synthetic_slide, "-o", tmp_path, *FAST).exit_code == 0
     result = tile(synthetic_slide, "-o", tmp_path, *FAST, "--min-tissue", "0.5")
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert "other settings; pass --overwrite" in result.output
 
 
@@ -125,7 +125,7 @@ def test_batch_reports_bad_slides_on_one_line_each_and_finishes_the_rest(
     shutil.copy(DATA / "not-a-slide.svs", folder / "text.svs")
     missing = tmp_path / "missing.svs"
     result = tile(folder, missing, "-o", tmp_path / "out", *FAST)
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     failed = [line for line in result.output.splitlines() if line.startswith("FAILED")]
     assert len(failed) == 3
     for name in ("truncated.svs", "text.svs", "missing.svs"):
@@ -150,7 +150,7 @@ def test_a_full_disk_fails_the_slide_with_its_fix_and_a_rerun_resumes(
 
         disk.setattr(zarr.Array, "__setitem__", full)  # every tile's write (zstd tiles go through zarr)
         result = tile(synthetic_slide, "-o", out, *FAST)
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 1, result.output
     (failed,) = [line for line in result.output.splitlines() if line.startswith("FAILED")]
     assert f"cannot write {out / 'synthetic-40x.zarr'}: No space left on device" in failed
     assert "run the same command again" in failed
@@ -167,7 +167,7 @@ def test_output_that_is_not_a_store_is_left_alone(synthetic_slide: Path, tmp_pat
     (taken / "notes.txt").write_text("mine")
     for extra in ([], ["--overwrite"]):
         result = tile(synthetic_slide, "-o", tmp_path, *FAST, *extra)
-        assert result.exit_code == 2
+        assert result.exit_code == 1
         assert f"{taken} exists and is not a wsiuda tile store" in result.output
     assert (taken / "notes.txt").read_text() == "mine"
 
@@ -190,9 +190,9 @@ def test_no_tissue_and_no_mpp(tmp_path: Path) -> None:
     glass = tmp_path / "glass.png"
     Image.fromarray(np.full((600, 700, 3), 246, dtype=np.uint8)).save(glass)
     no_mpp = tile(glass, "-o", tmp_path / "out", *FAST)
-    assert no_mpp.exit_code == 2 and "has no mpp in its metadata; pass --slide-mpp" in no_mpp.output
+    assert no_mpp.exit_code == 1 and "has no mpp in its metadata; pass --slide-mpp" in no_mpp.output
     blank = tile(glass, "-o", tmp_path / "out", *FAST, "--slide-mpp", "0.25")
-    assert blank.exit_code == 2 and "glass.png: no tissue found" in blank.output
+    assert blank.exit_code == 1 and "glass.png: no tissue found" in blank.output
     everything = tile(glass, "-o", tmp_path / "out", *FAST, "--slide-mpp", "0.25", "--min-tissue", "0")
     assert everything.exit_code == 0, everything.output
     assert len(TileStore.open(tmp_path / "out" / "glass.zarr")) == 3 * 3
@@ -255,7 +255,7 @@ def test_jpeg2000_svs_needs_slide_mpp(shared: Path, tmp_path: Path) -> None:
 
     path = shared_file(shared, "slides/tcga-cr-7395-01a-01-ts1.svs")
     refused = tile(path, "-o", tmp_path, *FAST)
-    assert refused.exit_code == 2
+    assert refused.exit_code == 1
     assert f"{path} has no mpp in its metadata; pass --slide-mpp 0.25 (40x) or 0.5 (20x)" in refused.output
     # Worked at 1 µm/px (scale 0.5) to keep the test quick; level 1 has exactly that resolution.
     works = tile(path, "-o", tmp_path, *FAST, "--slide-mpp", "0.5", "--mpp", "1.0")
@@ -272,7 +272,7 @@ def test_dicom_fails_clearly_and_plain_tiff_works_with_slide_mpp(shared: Path, t
     dicom = shared_file(shared, "slides/pathml_small_dicom.dcm")
     kidney = shared_file(shared, "slides/kidney-48-5.tif")
     result = tile(dicom, kidney, "-o", tmp_path, *FAST, "--slide-mpp", "0.5", "--min-tissue", "0")
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     lines = result.output.splitlines()
     assert any(line.startswith("FAILED  pathml_small_dicom.dcm") and "DICOM" in line for line in lines)
     assert TileStore.open(tmp_path / "kidney-48-5.zarr").is_complete

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from wsiuda.cli.main import cli
 from wsiuda.errors import ConfigError, OutputError, TrainingError
 from wsiuda.models import Segmenter
 from wsiuda.models.files import safe_load
-from wsiuda.train import AdaptConfig, fit
+from wsiuda.train import AdaptConfig, fit, load_run_config
 from wsiuda.train.batches import BatchSampler, epoch_rng
 from wsiuda.train.loop import RunData
 from wsiuda.train.trainer import Trainer
@@ -247,6 +248,8 @@ def test_config_and_output_errors(folders: dict[str, Path], tmp_path: Path) -> N
         tiny(folders, tmp_path / "a", target=())
     with pytest.raises(ConfigError, match="multiple of 2\\*\\*depth"):
         tiny(folders, tmp_path / "a", patch_size=30)
+    with pytest.raises(ConfigError, match="slide-mpp must be positive"):
+        tiny(folders, tmp_path / "a", slide_mpp=0.0)
     with pytest.raises(ConfigError, match="no such model file"):
         tiny(folders, tmp_path / "a", init=str(tmp_path / "missing.pt"))
     assert tiny(folders, tmp_path / "a", method="source-only", target=()).uses_target is False
@@ -266,9 +269,13 @@ def test_fine_tuning_from_a_model_keeps_its_normalisation(folders: dict[str, Pat
     )
 
 
+FAST = ["--iters-per-epoch", "1", "--batch-size", "2", "--patch-size", "32", "--width", "4", "--depth", "2",
+        "--device", "cpu", "--no-progress"]  # fmt: skip
+"""CLI options of a tiny, quick run (without --epochs)."""
+
+
 def test_cli_adapt_train_resume_and_bad_input(folders: dict[str, Path], tmp_path: Path) -> None:
-    common = ["--epochs", "1", "--iters-per-epoch", "1", "--batch-size", "2", "--patch-size", "32",
-              "--width", "4", "--depth", "2", "--device", "cpu", "--no-progress"]  # fmt: skip
+    common = ["--epochs", "1", *FAST]
     result = CliRunner().invoke(
         cli,
         ["adapt", "--source", str(folders["source"]), "--target", str(folders["target"]), "-o",
@@ -303,6 +310,146 @@ def test_cli_adapt_train_resume_and_bad_input(folders: dict[str, Path], tmp_path
     assert result.exit_code == 2
     assert result.output.startswith("Error: ") and "no images found" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def lines_of(result: Any) -> list[str]:
+    return [line for line in result.output.splitlines() if line.strip()]
+
+
+def test_an_output_that_is_a_file_is_a_one_line_error(folders: dict[str, Path], tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for command in (["train"], ["adapt", "--target", str(folders["target"])]):
+        result = CliRunner().invoke(
+            cli,
+            ["-q", *command, "--source", str(folders["source"]), "-o", str(a_file), "--epochs", "1", *FAST],
+        )
+        assert result.exit_code == 2, result.output
+        assert lines_of(result) == [f"Error: {a_file} exists and is not a folder; choose another with -o"]
+
+
+BROKEN_RUN_CONFIGS = {
+    "config: [1, 2\n  foo: :\n": "is not valid YAML (expected ',' or ']', but got ':' at line 2)",
+    "command: adapt\n": "holds no config: section",
+    "config:\n  width: 4\n": "is unreadable (AdaptConfig.__init__() missing 2 required",
+    "config: {source: [s], output: o, method: source-only, width: 0}\n": ": width must be at least 1, got 0",
+    "config: {source: [s], output: o, colour: blue}\n": "is unreadable (unknown AdaptConfig keys",
+}
+
+
+@pytest.mark.parametrize("text", BROKEN_RUN_CONFIGS)
+def test_a_broken_run_config_is_a_one_line_error_naming_it(tmp_path: Path, text: str) -> None:
+    (tmp_path / "config.yaml").write_text(text)
+    result = CliRunner().invoke(cli, ["train", "--resume", str(tmp_path)])
+    assert result.exit_code == 2
+    (line,) = lines_of(result)
+    assert line.startswith(f"Error: {tmp_path / 'config.yaml'}") and BROKEN_RUN_CONFIGS[text] in line
+    assert line.endswith("; restore it from a copy, or start a new run with -o NEW_FOLDER")
+
+
+def interrupt_after_epoch(
+    monkeypatch: pytest.MonkeyPatch, epoch: int, stop: type[KeyboardInterrupt] = KeyboardInterrupt
+) -> None:
+    """Ctrl-C (or ``stop``) right after the run has finished (and checkpointed) ``epoch``."""
+    import wsiuda.train.loop as loop
+
+    finish_epoch = loop.Run.finish_epoch
+
+    def finish_then_interrupt(run: Any, *args: Any, **kwargs: Any) -> None:
+        finish_epoch(run, *args, **kwargs)
+        if run.epoch == epoch:
+            raise stop
+
+    monkeypatch.setattr(loop.Run, "finish_epoch", finish_then_interrupt)
+
+
+def suggested_command(line: str) -> list[str]:
+    """The arguments of the `wsiuda ...` command an interrupt message suggests (without "wsiuda")."""
+    quoted = line.split("`")[1]
+    assert quoted.startswith("wsiuda ")
+    return shlex.split(quoted)[1:]
+
+
+def epochs_in(run: Path) -> int:
+    return len((run / "metrics.jsonl").read_text().splitlines())
+
+
+def test_ctrl_c_says_what_the_run_keeps_and_how_to_go_on(
+    folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wsiuda.train.loop as loop
+
+    run = tmp_path / "a run"  # a space, which the suggested command must quote
+    adapt = ["-q", "adapt", "--source", str(folders["source"]), "--target", str(folders["target"]),
+             "--method", "da-adv", "--d-width", "4", "-o", str(run), "--epochs", "2", *FAST]  # fmt: skip
+
+    def interrupt(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop.Trainer, "step", interrupt)
+        result = CliRunner().invoke(cli, adapt)
+    assert result.exit_code == 130
+    assert lines_of(result) == [
+        "Interrupted before the first epoch ended; nothing was kept: run the same command again"
+    ]
+    with monkeypatch.context() as patch:
+        interrupt_after_epoch(patch, 1)
+        result = CliRunner().invoke(cli, adapt)  # the same command again, as the line said
+    assert result.exit_code == 130
+    assert lines_of(result) == [
+        f"Interrupted; epoch 1 is kept: go on with `wsiuda adapt --resume {shlex.quote(str(run))}`"
+    ]
+    result = CliRunner().invoke(cli, ["-q", *suggested_command(lines_of(result)[0])])
+    assert result.exit_code == 0, result.output
+    assert epochs_in(run) == 2
+
+
+def test_a_terminated_resume_suggests_its_own_changes_again(
+    folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM (a batch scheduler's stop, raised as Terminated by the console script) stops a run as Ctrl-C
+    does, and says so; here it stops a resumed run whose --epochs changed."""
+    from wsiuda.cli.main import TERMINATED_EXIT_CODE, Terminated
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(
+        cli, ["-q", "train", "--source", str(folders["source"]), "-o", str(run), "--epochs", "1", *FAST]
+    )
+    assert result.exit_code == 0, result.output
+    with monkeypatch.context() as patch:
+        interrupt_after_epoch(patch, 2, Terminated)
+        result = CliRunner().invoke(cli, ["-q", "train", "--resume", str(run), "--epochs", "3"])
+    assert result.exit_code == TERMINATED_EXIT_CODE
+    # --epochs 3 lives in no file: without it, the suggested command would stop at the saved 1 epoch.
+    assert lines_of(result) == [
+        f"Terminated; epoch 2 is kept: go on with `wsiuda train --resume {run} --epochs 3`"
+    ]
+    result = CliRunner().invoke(cli, ["-q", *suggested_command(lines_of(result)[0])])
+    assert result.exit_code == 0, result.output
+    assert epochs_in(run) == 3
+
+
+def test_adapt_slide_mpp_supplies_the_target_slides_resolution(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    from test_data import write_slide_without_mpp
+
+    slide = write_slide_without_mpp(tmp_path / "no-mpp.tif")
+    run = tmp_path / "run"
+    adapt = ["-q", "adapt", "--source", str(folders["source"]), "--target", str(slide), "--method", "da-adv",
+             "--d-width", "4", "-o", str(run), "--epochs", "1", *FAST]  # fmt: skip
+    refused = CliRunner().invoke(cli, adapt)
+    assert refused.exit_code == 2 and "has no mpp in its metadata; pass --slide-mpp" in refused.output
+    result = CliRunner().invoke(cli, [*adapt, "--slide-mpp", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert load_run_config(run).slide_mpp == 0.5
+    changed = CliRunner().invoke(cli, ["-q", "adapt", "--resume", str(run), "--slide-mpp", "0.25"])
+    assert changed.exit_code == 2 and "--slide-mpp cannot change when resuming" in changed.output
+    # The saved value opens the slide again: a resume needs no --slide-mpp.
+    resumed = CliRunner().invoke(cli, ["-q", "adapt", "--resume", str(run), "--epochs", "2"])
+    assert resumed.exit_code == 0, resumed.output
+    assert epochs_in(run) == 2
 
 
 def test_training_curve_of_a_first_epoch_draws_without_warnings(tmp_path: Path) -> None:

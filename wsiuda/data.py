@@ -16,16 +16,20 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import cv2
 import numpy as np
 
-from wsiuda.errors import DataError, SlideError
+from wsiuda.errors import DataError, OutputError, SlideError
 from wsiuda.geometry import Region, scale_factor
 from wsiuda.io.slide import SlideReader
+
+if TYPE_CHECKING:
+    from wsiuda.io.store import TileStore
 
 log = logging.getLogger(__name__)
 
@@ -379,34 +383,24 @@ class ImagePool:
         return out
 
 
+SlideTile = tuple[Path, float, Region]
+"""A target slide's tissue tile: the slide, its working scale, and the tile's region in the working grid."""
+
+
 class SlidePool:
-    """Tissue tiles of whole slides, listed once at open and read at random on demand.
+    """Tissue tiles of whole slides (listed by :func:`slide_tiles`), read at random on demand.
 
     Readers are opened lazily by path and kept for the pool's life (one training process; never pickled).
     """
 
-    def __init__(self, name: str, root: Path, slides: Sequence[Path], *, mpp: float, size: int) -> None:
-        from wsiuda.io import open_slide
-        from wsiuda.tiling import tile_grid, tissue_mask, working_scale, working_shape
-
+    def __init__(
+        self, name: str, root: Path, tiles: Sequence[SlideTile], *, slide_mpp: float | None = None
+    ) -> None:
         self.name, self.root, self.license = name, root, dataset_license(root)
-        self.mpp = mpp
-        self.tiles: list[tuple[Path, float, Region]] = []
-        for path in slides:
-            try:
-                with open_slide(path) as reader:
-                    scale = working_scale(reader.info, mpp)
-                    shape = working_shape(reader.info.shape, scale)
-                    tiles = tile_grid(
-                        shape, tile=size, tissue=tissue_mask(reader), scale=scale, min_tissue=MIN_TISSUE
-                    )
-            except SlideError as error:
-                raise DataError(f"target slide unusable: {error}") from None
-            if not tiles:
-                log.warning("%s: no tissue tiles found; it adds nothing to the target", path)
-            self.tiles += [(Path(path), scale, region) for region in tiles]
+        self.tiles = list(tiles)
         if not self.tiles:
             raise DataError(f"{root}: no tissue found in its slides; check that they are H&E slides")
+        self.slide_mpp = slide_mpp
         self._readers: dict[Path, SlideReader] = {}
 
     def __len__(self) -> int:
@@ -416,7 +410,7 @@ class SlidePool:
         from wsiuda.io import open_slide
 
         if path not in self._readers:
-            self._readers[path] = open_slide(path)
+            self._readers[path] = open_slide(path, slide_mpp=self.slide_mpp)
         return self._readers[path]
 
     def sample(self, rng: np.random.Generator, *, count: int, size: int) -> np.ndarray:
@@ -437,55 +431,103 @@ class SlidePool:
         self._readers.clear()
 
 
+def slide_tiles(reader: SlideReader, *, mpp: float, size: int) -> list[SlideTile]:
+    """The tissue tiles of an open slide at ``mpp``; a SlideError where it cannot be (e.g. it has no mpp)."""
+    from wsiuda.tiling import tile_grid, tissue_mask, working_scale, working_shape
+
+    scale = working_scale(reader.info, mpp)
+    shape = working_shape(reader.info.shape, scale)
+    tiles = tile_grid(shape, tile=size, tissue=tissue_mask(reader), scale=scale, min_tissue=MIN_TISSUE)
+    if not tiles:
+        log.warning("%s: no tissue tiles found; it adds nothing to the target", reader.info.path)
+    return [(Path(reader.info.path), scale, region) for region in tiles]
+
+
 class StorePool:
-    """Tiles stored by ``wsiuda tile`` (zarr stores): random windows of written tiles, halo included."""
+    """Tiles of finished ``wsiuda tile`` stores (zarr): random windows of them, halo included."""
 
     def __init__(self, name: str, root: Path, stores: Sequence[Path], *, mpp: float) -> None:
-        from wsiuda.errors import OutputError
-        from wsiuda.io.store import TileStore
-
         self.name, self.root, self.license = name, root, dataset_license(root)
-        self.stores: list[tuple[TileStore, np.ndarray, float]] = []
-        for path in stores:
-            try:
-                store = TileStore.open(path)
-            except OutputError as error:
-                raise DataError(str(error)) from None
-            done = np.flatnonzero(store.done())
-            store_mpp = float(store.attrs.get("target_mpp", mpp))
-            if len(done):
-                self.stores.append((store, done, scale_factor(store_mpp, mpp)))
+        self.stores: list[tuple[TileStore, float]] = []
+        for path, store in each_usable(stores, open_complete_store):
+            if len(store):
+                self.stores.append((store, scale_factor(float(store.attrs.get("target_mpp", mpp)), mpp)))
             else:
-                log.warning("%s holds no tiles yet; it adds nothing to the target", path)
+                log.warning("%s holds no tiles (no tissue in its slide); it adds nothing to the target", path)
         if not self.stores:
-            raise DataError(f"{root}: its tile stores hold no tiles; run `wsiuda tile` to the end first")
+            raise DataError(f"{root}: its tile stores hold no tiles; check that their slides are H&E slides")
 
     def __len__(self) -> int:
-        return sum(len(done) for _, done, _ in self.stores)
+        return sum(len(store) for store, _ in self.stores)
 
     def sample(self, rng: np.random.Generator, *, count: int, size: int) -> np.ndarray:
         out = np.empty((count, size, size, 3), dtype=np.uint8)
         for i in range(count):
-            store, done, factor = self.stores[int(rng.integers(len(self.stores)))]
-            tile = store.read_tile(int(done[int(rng.integers(len(done)))]))
+            store, factor = self.stores[int(rng.integers(len(self.stores)))]
+            tile = store.read_tile(int(rng.integers(len(store))))
             out[i] = random_crop(rng, [resample_pair(tile, None, factor)[0]], size)[0]
         return out
 
 
+def open_complete_store(path: Path) -> TileStore:
+    """A tile store that ``wsiuda tile`` finished: an interrupted one would train on part of its slide."""
+    from wsiuda.io.store import INCOMPLETE, TileStore
+
+    try:
+        store = TileStore.open(path)
+    except OutputError as error:
+        raise DataError(str(error)) from None
+    if not store.is_complete:
+        raise DataError(f"{path}: {INCOMPLETE}")
+    return store
+
+
 TargetPool = ImagePool | SlidePool | StorePool
+T = TypeVar("T")
+
+
+def each_usable(paths: Sequence[Path], open_one: Callable[[Path], T]) -> list[tuple[Path, T]]:
+    """``open_one`` of each path, which raises DataError for an unusable one.
+
+    Among several target files, an unusable one (corrupt, unreadable, without mpp) is left out with one
+    warning that names it and why, and training goes on with the rest; a target given as one file stands
+    or falls with it.
+    """
+    if len(paths) == 1:
+        return [(paths[0], open_one(paths[0]))]
+    opened = []
+    for path in paths:
+        try:
+            opened.append((path, open_one(path)))
+        except DataError as error:
+            message = str(error) if str(path) in str(error) else f"{path}: {error}"
+            log.warning("left out of the target: %s", message)
+    if not opened:
+        raise DataError(
+            f"{paths[0].parent}: none of its {len(paths)} target files is usable (each is named in a "
+            "warning above); fix or remove them"
+        )
+    return opened
 
 
 def open_target(
-    path: Path, *, image_mpp: float, mpp: float, size: int, held_out: Sequence[str] = ("test",)
+    path: Path,
+    *,
+    image_mpp: float,
+    mpp: float,
+    size: int,
+    held_out: Sequence[str] = ("test",),
+    slide_mpp: float | None = None,
 ) -> TargetPool:
     """A target source: a folder of images (or with an images/ folder), a folder of slides, one slide, or
     tile stores written by ``wsiuda tile`` (one store, or a folder of them).
 
     Plain images (PNG/JPEG, non-pyramidal TIFF) are decoded into memory, taken to be at ``image_mpp``;
-    pyramidal slides are tiled on the fly at ``mpp`` from their own metadata. Masks beside the images are
-    never read: the target is unlabelled. Rows of split.tsv marked held-out are left out.
+    pyramidal slides are tiled on the fly at ``mpp`` from their own metadata, or at ``slide_mpp`` (level-0
+    µm/px) where given. Masks beside the images are never read: the target is unlabelled. Rows of split.tsv
+    marked held-out are left out. In a folder, an unusable file is left out with a warning (see
+    :func:`each_usable`).
     """
-    from wsiuda.io import open_slide
     from wsiuda.io.store import is_tile_store
 
     path = Path(path)
@@ -497,38 +539,54 @@ def open_target(
     stores = sorted(p for p in path.iterdir() if is_tile_store(p)) if path.is_dir() else []
     if stores:
         return StorePool(dataset_name(path), path, stores, mpp=mpp)
-    if path.is_dir():
-        folder = path / "images" if (path / "images").is_dir() else path
-        splits = read_split_table(path)
-        candidates = sorted(
-            p
-            for p in folder.iterdir()
-            if p.is_file()
-            and not p.name.startswith(".")
-            and p.suffix.lower() in IMAGE_SUFFIXES + SLIDE_SUFFIXES
-        )
-        candidates = [p for p in candidates if not is_held_out(splits.get(p.stem), held_out)]
-    else:
-        candidates = [path]
-    if not candidates:
-        raise DataError(
-            f"{path}: no images or slides found (looked for {', '.join(IMAGE_SUFFIXES + SLIDE_SUFFIXES)})"
-        )
-    images, slides = [], []
     factor = scale_factor(image_mpp, mpp)
-    for candidate in candidates:
-        try:
-            with open_slide(candidate) as reader:
-                if reader.info.backend == "plain":
-                    height, width = reader.info.shape
-                    pixels = reader.read_level(Region(0, 0, height, width), level=0)
-                    images.append(resample_pair(pixels, None, factor)[0])
-                else:
-                    slides.append(candidate)
-        except SlideError as error:
-            raise DataError(str(error)) from None
+
+    def read(candidate: Path) -> np.ndarray | list[SlideTile]:
+        return read_target_file(candidate, image_factor=factor, mpp=mpp, size=size, slide_mpp=slide_mpp)
+
+    opened = [content for _, content in each_usable(target_files(path, held_out), read)]
+    images = [content for content in opened if isinstance(content, np.ndarray)]
+    slides = [content for content in opened if isinstance(content, list)]
     if images and slides:
         raise DataError(f"{path}: mixes plain images and whole slides; pass them as two --target options")
     if slides:
-        return SlidePool(dataset_name(root), root, slides, mpp=mpp, size=size)
+        return SlidePool(
+            dataset_name(root), root, [tile for tiles in slides for tile in tiles], slide_mpp=slide_mpp
+        )
     return ImagePool(dataset_name(root), root, images)
+
+
+def target_files(path: Path, held_out: Sequence[str]) -> list[Path]:
+    """The image and slide files of a target: the file itself, or those of a folder (or its images/)."""
+    if not path.is_dir():
+        return [path]
+    folder = path / "images" if (path / "images").is_dir() else path
+    splits = read_split_table(path)
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES + SLIDE_SUFFIXES
+    )
+    files = [p for p in files if not is_held_out(splits.get(p.stem), held_out)]
+    if not files:
+        raise DataError(
+            f"{path}: no images or slides found (looked for {', '.join(IMAGE_SUFFIXES + SLIDE_SUFFIXES)})"
+        )
+    return files
+
+
+def read_target_file(
+    path: Path, *, image_factor: float, mpp: float, size: int, slide_mpp: float | None
+) -> np.ndarray | list[SlideTile]:
+    """A plain image's pixels resized by ``image_factor``, or a slide's tissue tiles at ``mpp``."""
+    from wsiuda.io import open_slide
+
+    try:
+        with open_slide(path, slide_mpp=slide_mpp) as reader:
+            if reader.info.backend != "plain":
+                return slide_tiles(reader, mpp=mpp, size=size)
+            height, width = reader.info.shape
+            pixels = reader.read_level(Region(0, 0, height, width), level=0)
+            return resample_pair(pixels, None, image_factor)[0]
+    except SlideError as error:
+        raise DataError(str(error)) from None

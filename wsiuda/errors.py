@@ -23,6 +23,10 @@ class ModelError(WsiudaError):
     """A model file is missing, incompatible, or unsafe to load."""
 
 
+MODEL_FILE_FIX = "pass a model.pt written by `wsiuda adapt` or `wsiuda train`"
+"""What a user can do about a model file that cannot be used."""
+
+
 class OutputError(WsiudaError):
     """An output path cannot be written, or exists and is not ours to overwrite."""
 

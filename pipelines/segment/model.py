@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from wsiuda.errors import ModelError
+from wsiuda.errors import MODEL_FILE_FIX, ModelError
 from wsiuda.pipelines.segment.cluster import Runner, threads_per_worker
 from wsiuda.pipelines.segment.config import SegmentConfig
 
@@ -122,10 +122,14 @@ def model_path(config: SegmentConfig) -> Path:
             )
         return path
     path = Path(config.model)
+    if path.is_dir():
+        raise ModelError(f"-m {path} is a folder, not a model file; {MODEL_FILE_FIX}")
     if not path.is_file():
-        raise ModelError(f"model file {path} does not exist; pass -m with a model.pt from `wsiuda adapt`")
+        raise ModelError(f"model file {path} does not exist; {MODEL_FILE_FIX}")
     if not zipfile.is_zipfile(path):
-        raise ModelError(f"{path} is not a readable model file (not a torch archive written by wsiuda)")
+        raise ModelError(
+            f"{path} is not a readable model file (not a torch archive written by wsiuda); {MODEL_FILE_FIX}"
+        )
     return path
 
 

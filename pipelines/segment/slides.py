@@ -181,12 +181,12 @@ def _slide_geometry(source: SourceSpec, config: SegmentConfig, working_mpp: floa
 
 def _tile_store_geometry(source: SourceSpec, working_mpp: float) -> _Geometry:
     """The geometry of a store written by ``wsiuda tile`` (see pipelines/tile.py for its attributes)."""
-    from wsiuda.io.store import TileStore
+    from wsiuda.io.store import INCOMPLETE, TileStore
 
     store = TileStore.open(Path(source.path))
     attrs = store.attrs
     if not store.is_complete:
-        raise SlideError(f"{source.path}: the tile store is incomplete; finish it with `wsiuda tile` first")
+        raise SlideError(f"{source.path}: {INCOMPLETE}")
     try:
         store_mpp = float(attrs["target_mpp"])
         level0_mpp = float(attrs["slide_mpp"])
@@ -248,6 +248,11 @@ def _open_store(
 ) -> MaskStore | None:
     """The slide's store, new or to resume; None when an earlier run already finished the slide."""
     path = outputs.store
+    for file in (outputs.geojson, outputs.overlay, outputs.summary):
+        if file.is_dir():  # found now, not once every tile is done and the file cannot be written
+            raise OutputError(
+                f"{file} is a folder where an output file goes; move it away or choose another -o"
+            )
     fresh = json.loads(json.dumps(fingerprint))  # as it reads back from the store's JSON attributes
     if path.exists() and not MaskStore.exists(path):
         raise OutputError(f"{path} exists and is not a wsiuda mask store; move it away or choose another -o")

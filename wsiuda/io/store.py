@@ -70,6 +70,10 @@ def _serializer(codec: str, level: int | None) -> dict[str, Any]:
     raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
 
 
+INCOMPLETE = "the tile store is incomplete; finish it with `wsiuda tile` first"
+"""Why a store that `wsiuda tile` did not finish is refused, and the fix: it holds part of its slide."""
+
+
 class TileStore:
     """A slide's tiles at the working mpp. Create with :meth:`create`, open with :meth:`open`."""
 

@@ -8,7 +8,9 @@ name and renamed, so a reader never sees half a file.
 
 from __future__ import annotations
 
+import io
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from wsiuda.config import atomic_output, writing
-from wsiuda.errors import ModelError
+from wsiuda.errors import MODEL_FILE_FIX, ModelError
 from wsiuda.models.meta import ModelMeta
 from wsiuda.models.unet import build_unet
 
@@ -33,10 +35,13 @@ def build_network(meta: ModelMeta) -> nn.Module:
 
 
 def atomic_torch_save(obj: dict[str, Any], path: Path) -> None:
-    # Saved through a file of ours, not by name: torch's own writer reports a full disk as an opaque
-    # RuntimeError, a Python file as the OSError it is, which `writing` names.
+    # Serialised in memory, then written by Python: torch's writer, given a file by name or as an object,
+    # reports a disk that fills up part-way as an opaque RuntimeError ("unexpected pos"), where Python's
+    # write raises the OSError it is, which `writing` names. Model files and checkpoints are a few MB.
+    serialised = io.BytesIO()
+    torch.save(obj, serialised)
     with atomic_output(Path(path)) as tmp, writing(path), open(tmp, "wb") as stream:
-        torch.save(obj, stream)
+        stream.write(serialised.getbuffer())
 
 
 def cpu_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:
@@ -57,13 +62,26 @@ def unpickling_reason(error: Exception) -> str:
     return (named or lines or [type(error).__name__])[0][:200]
 
 
+FIXES = {
+    "model file": MODEL_FILE_FIX,
+    "checkpoint": "its run cannot go on; start it again without --resume",
+}
+"""What a user can do about an unusable file, by its kind."""
+
+_TORCH_CHECK = re.compile(r"^\[enforce fail at [^\]]*\]\s*\.?\s*")
+"""The C++ source location that torch's archive reader puts before its messages."""
+
+
 def safe_load(path: Path | str, *, kind: str) -> dict[str, Any]:
     """Read a file with the weights-only unpickler; anything else than tensors and plain data is refused."""
     path = Path(path)
+    fix = FIXES.get(kind, FIXES["model file"])
+    if path.is_dir():
+        raise ModelError(f"{path} is a folder, not a {kind}; {fix}")
     if not path.is_file():
-        raise ModelError(f"{kind} {path} does not exist")
+        raise ModelError(f"{kind} {path} does not exist; {fix}")
     if not zipfile.is_zipfile(path):
-        raise ModelError(f"{path} is not a readable {kind} (not a torch archive written by wsiuda)")
+        raise ModelError(f"{path} is not a readable {kind} (not a torch archive written by wsiuda); {fix}")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -73,9 +91,11 @@ def safe_load(path: Path | str, *, kind: str) -> dict[str, Any]:
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelError(f"{path} is not a readable {kind} ({first[:200]})") from None
+        raise ModelError(
+            f"{path} is not a readable {kind} ({_TORCH_CHECK.sub('', first)[:200]}); {fix}"
+        ) from None
     if not isinstance(data, dict):
-        raise ModelError(f"{path} is not a wsiuda {kind} (it holds a {type(data).__name__})")
+        raise ModelError(f"{path} is not a wsiuda {kind} (it holds a {type(data).__name__}); {fix}")
     return data
 
 
@@ -83,22 +103,25 @@ def load_model_file(path: Path | str) -> tuple[nn.Module, ModelMeta]:
     """The network (CPU, eval mode) and its metadata from a model file written by :func:`save_model`."""
     data = safe_load(path, kind="model file")
     if data.get("format") != MODEL_FORMAT:
-        hint = (
-            " (it is a training checkpoint; use model.pt of the run)"
+        fix = (
+            "it is a training checkpoint; use model.pt of the run"
             if data.get("format") == CHECKPOINT_FORMAT
-            else ""
+            else FIXES["model file"]
         )
-        raise ModelError(f"{path} is not a wsiuda model file{hint}")
+        raise ModelError(f"{path} is not a wsiuda model file; {fix}")
     meta = ModelMeta.from_dict(data.get("meta"), source=str(path))
     network = build_network(meta)
     state = data.get("state_dict")
     if not isinstance(state, dict):
-        raise ModelError(f"{path} holds no weights")
+        raise ModelError(f"{path} holds no weights; {FIXES['model file']}")
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        first = str(error).strip().splitlines()[0]
+        # torch's first line only says that loading failed; the next ones say what did not fit.
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        reason = (lines[1:] or lines or ["?"])[0]
         raise ModelError(
-            f"{path}: weights do not fit the {meta.arch} {meta.arch_kwargs} it declares ({first})"
+            f"{path}: weights do not fit the {meta.arch} {meta.arch_kwargs} it declares ({reason[:200]}); "
+            f"{FIXES['model file']}"
         ) from None
     return network.eval(), meta

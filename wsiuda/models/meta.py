@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wsiuda._version import __version__
-from wsiuda.errors import ModelError
+from wsiuda.errors import MODEL_FILE_FIX, ModelError
 
 FORMAT_VERSION = 1
 """Bumped when a model file written by this version cannot be read correctly by an older reader."""
@@ -105,5 +105,5 @@ class ModelMeta:
         kwargs["training_data"] = tuple(dict(item) for item in kwargs.get("training_data", ()))
         try:
             return cls(**kwargs)
-        except (TypeError, ValueError, KeyError) as error:
-            raise ModelError(f"{source} has malformed metadata: {error}") from None
+        except (TypeError, ValueError, KeyError, ModelError) as error:
+            raise ModelError(f"{source} has malformed metadata: {error}; {MODEL_FILE_FIX}") from None

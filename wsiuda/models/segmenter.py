@@ -93,10 +93,11 @@ class Segmenter:
 
     @classmethod
     def load(cls, path: Path | str, *, device: str = "auto", precision: str = "float32") -> Segmenter:
+        on = resolve_device(device)  # first, and not named after the file: a missing GPU is not the file's
         network, meta = load_model_file(path)
         try:
-            return cls(network, meta, resolve_device(device), precision=precision)
-        except ModelError as error:
+            return cls(network, meta, on, precision=precision)
+        except ModelError as error:  # a precision the model cannot run in
             raise ModelError(f"{path}: {error}") from None
 
     @classmethod

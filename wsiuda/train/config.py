@@ -81,6 +81,8 @@ class AdaptConfig:
     mpp: float = 0.25
     image_mpp: float = 0.25
     """µm/px of the images in source, target and target-val image folders (slides carry their own)."""
+    slide_mpp: float | None = None
+    """Level-0 µm/px of the target slides, for slides whose metadata lack it (as `wsiuda segment`'s)."""
     held_out: tuple[str, ...] = ("test",)
     """split.tsv rows whose split contains one of these words are never read."""
     val_fraction: float = 0.15
@@ -163,6 +165,8 @@ class AdaptConfig:
             )
         if self.mpp <= 0 or self.image_mpp <= 0:
             raise ConfigError(f"mpp must be positive, got {self.mpp} and image mpp {self.image_mpp}")
+        if self.slide_mpp is not None and not self.slide_mpp > 0:
+            raise ConfigError(f"slide-mpp must be positive, got {self.slide_mpp}")
         if self.budget_minutes is not None and self.budget_minutes <= 0:
             raise ConfigError(f"budget-minutes must be positive, got {self.budget_minutes}")
         if not 0 <= self.val_fraction < 1:
@@ -205,6 +209,9 @@ class AdaptConfig:
         return dataclasses.replace(self, **changes)
 
 
+BROKEN_RUN_FIX = "restore it from a copy, or start a new run with -o NEW_FOLDER"
+
+
 def load_run_config(run: Path) -> AdaptConfig:
     """The config a run was started with, from RUN/config.yaml."""
     path = Path(run) / "config.yaml"
@@ -212,8 +219,30 @@ def load_run_config(run: Path) -> AdaptConfig:
         raise ConfigError(
             f"{run} is not a training run (no config.yaml); pass the -o folder of `wsiuda adapt`"
         )
+    saved = _saved_config(path)
+    try:
+        return config_from_dict(AdaptConfig, saved)
+    except (TypeError, ValueError) as error:  # unknown or missing fields
+        raise ConfigError(f"{path} is unreadable ({one_line(error)}); {BROKEN_RUN_FIX}") from None
+    except ConfigError as error:  # a value out of range, or a --source folder since moved
+        raise ConfigError(f"{path}: {error}; {BROKEN_RUN_FIX}") from None
+
+
+def _saved_config(path: Path) -> dict[str, Any]:
+    """The ``config:`` mapping of a run's config.yaml."""
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8"))
-        return config_from_dict(AdaptConfig, document["config"])
-    except (yaml.YAMLError, KeyError, TypeError, ValueError) as error:
-        raise ConfigError(f"{path} is unreadable ({error}); start a new run") from None
+    except yaml.MarkedYAMLError as error:
+        # YAML's own message spans several lines, with a caret under the spot: one line, with its number.
+        line = "" if error.problem_mark is None else f" at line {error.problem_mark.line + 1}"
+        raise ConfigError(f"{path} is not valid YAML ({error.problem}{line}); {BROKEN_RUN_FIX}") from None
+    except (yaml.YAMLError, OSError, ValueError) as error:  # ValueError: not UTF-8 text
+        raise ConfigError(f"{path} is unreadable ({one_line(error)}); {BROKEN_RUN_FIX}") from None
+    saved = document.get("config") if isinstance(document, dict) else None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} holds no config: section of a training run; {BROKEN_RUN_FIX}")
+    return saved
+
+
+def one_line(error: Exception) -> str:
+    return " ".join(str(error).split())

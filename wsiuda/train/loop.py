@@ -34,7 +34,7 @@ from wsiuda.data import (
     read_labelled_folder,
     split_by_group,
 )
-from wsiuda.errors import OutputError, TrainingError
+from wsiuda.errors import ModelError, OutputError, TrainingError
 from wsiuda.metrics import dice_iou
 from wsiuda.models import (
     ModelMeta,
@@ -97,7 +97,12 @@ class RunData:
         if c.uses_target:
             for path in c.target:
                 pool = open_target(
-                    path, image_mpp=c.image_mpp, mpp=c.mpp, size=c.patch_size, held_out=c.held_out
+                    path,
+                    image_mpp=c.image_mpp,
+                    mpp=c.mpp,
+                    size=c.patch_size,
+                    held_out=c.held_out,
+                    slide_mpp=c.slide_mpp,
                 )
                 self.targets.append(pool)
                 log.info(
@@ -155,8 +160,6 @@ def initial_network(config: AdaptConfig) -> tuple[nn.Module, dict[str, Any] | No
         return build_unet(**arch_kwargs), None, arch_kwargs
     path = default_model_path() if config.init == "default" else Path(config.init)
     if config.init == "default" and not path.is_file():
-        from wsiuda.errors import ModelError
-
         raise ModelError("no default model ships with this install; use --init scratch or --init MODEL.pt")
     network, meta = load_model_file(path)
     if (meta.mpp, meta.depth) != (config.mpp, config.depth) or meta.arch_kwargs.get("width") != config.width:
@@ -177,9 +180,32 @@ def prepare_output(config: AdaptConfig) -> None:
     if (out / "config.yaml").exists():
         # A run that stopped before finishing its first epoch has nothing to resume: start it again.
         log.info("%s holds a run that never finished an epoch; starting it again", out)
-    elif out.exists() and any(out.iterdir()):
+    elif out.is_dir() and any(out.iterdir()):
         raise OutputError(f"{out} exists and is not empty; choose a new output folder")
+    # It also refuses an -o that is a file, with the fix.
     prepare_output_folder(out)
+
+
+def kept_epoch(run: Path) -> int | None:
+    """The epoch the run's last.pt holds; None where there is none (or none that can be read)."""
+    path = Path(run) / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        return int(safe_load(path, kind="checkpoint")["epoch"])
+    except (ModelError, KeyError, TypeError, ValueError):
+        return None
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped :func:`fit`. A KeyboardInterrupt still, so that callers that stop on one do; it names
+    the run folder and the epoch its last.pt keeps (None before the first epoch ended), which is what the
+    user needs to go on."""
+
+    def __init__(self, run: Path, epoch: int | None) -> None:
+        kept = "nothing was kept" if epoch is None else f"epoch {epoch} is kept"
+        super().__init__(f"training in {run} interrupted; {kept}")
+        self.run, self.epoch = Path(run), epoch
 
 
 class DeterministicAlgorithms:
@@ -204,7 +230,18 @@ def fit(config: AdaptConfig, *, progress: bool = True) -> Path:
     Stops at ``config.epochs`` or, at the end of the iteration that crosses it, at ``budget_minutes`` of
     training (counted from the first iteration of this invocation; the partial epoch is validated and
     checkpointed). A NaN or infinite loss raises :class:`TrainingError` and leaves the last good checkpoint.
+    A Ctrl-C raises :class:`TrainingInterrupted`, which says what the run folder keeps.
     """
+    try:
+        return _fit(config, progress=progress)
+    except KeyboardInterrupt as stop:
+        # Read from disk, not the loop's counters: the checkpoint is written atomically, so what it holds
+        # is what a resume would start from, wherever the interrupt fell. The cause says what stopped it
+        # (Ctrl-C, or the CLI's SIGTERM).
+        raise TrainingInterrupted(config.output, kept_epoch(config.output)) from stop
+
+
+def _fit(config: AdaptConfig, *, progress: bool) -> Path:
     prepare_output(config)
     device = resolve_device(config.device)
     deterministic = config.deterministic and device.type == "cpu"
