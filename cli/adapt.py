@@ -57,7 +57,7 @@ def training_options(function: F) -> F:
             "--image-mpp",
             type=click.FloatRange(min=0, min_open=True),
             help="µm/px of the images in image folders (slides carry their own); resampled to --mpp  "
-            f"{default('image_mpp')}",
+            "[default: each folder's mpp.txt, else 0.25]",
         ),
         click.option(
             "--budget-minutes",

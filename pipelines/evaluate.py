@@ -33,8 +33,8 @@ from wsiuda.config import (
 from wsiuda.crf import DEFAULT_CRF, CrfParams, dense_crf
 from wsiuda.data import (
     find_pairs,
-    folder_mpp,
     group_id,
+    images_mpp,
     read_label_map,
     read_rgb,
     read_split_table,
@@ -46,8 +46,6 @@ from wsiuda.metrics import ImageScores, Summary, score_image, summarize
 from wsiuda.models import Segmenter
 
 log = logging.getLogger(__name__)
-
-DEFAULT_DATA_MPP = 0.25
 
 
 @dataclass(frozen=True)
@@ -133,10 +131,7 @@ def labelled_pairs(root: Path, *, split: str | None = None) -> list[LabelledPair
 
 def resolve_data_mpp(root: Path, data_mpp: float | None) -> float:
     """The configured resolution, else the folder's mpp.txt, else 0.25 µm/px."""
-    if data_mpp is not None:
-        return data_mpp
-    written = folder_mpp(root)
-    return DEFAULT_DATA_MPP if written is None else written
+    return images_mpp(root, data_mpp)
 
 
 def predict_probabilities(

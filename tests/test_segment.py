@@ -466,6 +466,26 @@ def test_a_tile_store_segments_like_its_slide(tmp_path: Path) -> None:
     assert sum(x == y for x, y in zip(a, b, strict=True)) >= 0.95 * len(a)
 
 
+def test_a_damaged_tile_store_fails_with_its_fix_and_the_batch_goes_on(tmp_path: Path) -> None:
+    from synthetic import synthetic_he
+
+    damaged = tmp_path / "damaged.zarr"
+    damaged.mkdir()
+    (damaged / "zarr.json").write_text("{ not json")
+    slide = write_slide(
+        tmp_path / "s.svs", synthetic_he((256, 256), seed=3, tissue=0.6), mpp=0.25, app_mag=40
+    )
+    report = segment(
+        sync_config([damaged, slide], tmp_path / "out", tile=128),
+        predictor=DarkPredictor(),
+        network=DARK_NETWORK,
+    )
+    failed, done = report.results
+    assert failed.error is not None and "not a wsiuda tile store" in failed.error
+    assert "wsiuda tile --overwrite" in failed.error
+    assert done.error is None and (tmp_path / "out" / "s.geojson").is_file()
+
+
 # ---------------------------------------------------------------------------------------------- resume
 RESUME_SCRIPT = """
 import sys

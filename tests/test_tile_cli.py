@@ -95,19 +95,27 @@ def test_20x_slide_is_upsampled_to_40x(synthetic_slide_20x: Path, tmp_path: Path
         np.testing.assert_array_equal(pixels[0], read_working_region(reader, regions[0], scale=2.0))
 
 
-def test_jpeg_default_codec_and_two_workers_match_one(synthetic_slide_20x: Path, tmp_path: Path) -> None:
+def test_jpeg_default_codec_and_two_workers_match_one(
+    synthetic_slide_20x: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wsiuda.pipelines import worker_setup
+
+    servers: list[int | None] = []
+    real_start = worker_setup.start_fork_server
+
+    def recording_start() -> None:
+        real_start()
+        servers.append(multiprocessing.forkserver._forkserver._forkserver_pid)
+
+    monkeypatch.setattr(worker_setup, "start_fork_server", recording_start)
     args = ["--mpp", "0.5", "--tile", "128", "--halo", "8"]
     one = tile(synthetic_slide_20x, "-o", tmp_path / "one", *args, "--workers", "1")
-    earlier_server = multiprocessing.forkserver._forkserver._forkserver_pid  # None without a fork server
     two = tile(synthetic_slide_20x, "-o", tmp_path / "two", *args, "--workers", "2")
     assert one.exit_code == 0 and two.exit_code == 0, one.output + two.output
-    # The workers' fork server ends with the command, not when this process does.
+    # The workers' fork server, started by the command, ends with the command, not when this process does.
     if "forkserver" in multiprocessing.get_all_start_methods():
-        server = multiprocessing.forkserver._forkserver._forkserver_pid
-        assert server is not None and server != earlier_server, (
-            "the workers came from no fork server of theirs"
-        )
-        assert process_ends(server), "the fork server outlived the command"
+        (server,) = servers  # the two-worker run's
+        assert server is not None and process_ends(server), "the fork server outlived the command"
     store = TileStore.open(tmp_path / "one" / "synthetic-20x.zarr")
     assert store.attrs["codec"] == "jpeg"
     assert chunk_files(tmp_path / "one" / "synthetic-20x.zarr") == chunk_files(

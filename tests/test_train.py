@@ -241,6 +241,21 @@ def test_model_selection_follows_source_validation_only(
     assert not all(torch.equal(kept[key], last[key]) for key in kept)
 
 
+def test_a_folders_mpp_txt_sets_its_images_resolution_unless_image_mpp_is_given(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    """As `wsiuda evaluate` reads a folder: its 64 px images at 0.5 µm/px are 128 px at the working 0.25."""
+    import shutil
+
+    source = tmp_path / "source20x"
+    shutil.copytree(folders["source"], source)
+    (source / "mpp.txt").write_text("0.5\n")
+    from_file = RunData(tiny({**folders, "source": source}, tmp_path / "a"))
+    assert {item.image.shape for item in from_file.val} == {(128, 128, 3)}
+    given = RunData(tiny({**folders, "source": source}, tmp_path / "b", image_mpp=0.25))
+    assert {item.image.shape for item in given.val} == {(64, 64, 3)}
+
+
 def test_config_and_output_errors(folders: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown method"):
         tiny(folders, tmp_path / "a", method="magic")

@@ -171,6 +171,16 @@ def read_label_map(path: Path) -> np.ndarray:
 
 MPP_FILE = "mpp.txt"
 """An optional file in a labelled folder holding one number: the µm/px of its images."""
+DEFAULT_IMAGE_MPP = 0.25
+"""µm/px of a folder's images where neither the command nor the folder's mpp.txt says (40x)."""
+
+
+def images_mpp(root: Path, given: float | None) -> float:
+    """µm/px of the images under ``root``: ``given`` (an option), else the folder's mpp.txt, else 0.25."""
+    if given is not None:
+        return given
+    written = folder_mpp(root) if Path(root).is_dir() else None
+    return DEFAULT_IMAGE_MPP if written is None else written
 
 
 def folder_mpp(root: Path) -> float | None:

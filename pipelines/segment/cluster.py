@@ -164,8 +164,9 @@ def cluster_client(config: SegmentConfig) -> Iterator[Any]:
     settings["distributed.admin.system-monitor.interval"] = "60s"
     settings["distributed.admin.system-monitor.disk"] = False
     settings["distributed.worker.memory.monitor-interval"] = "1s"
-    cluster_log = logging.getLogger("distributed")
-    level = cluster_log.level
+    # The loggers a torn-down cluster writes to: Dask's, and Tornado's for its event loop's callbacks.
+    cluster_logs = [logging.getLogger(name) for name in ("distributed", "tornado.application")]
+    levels = [logger.level for logger in cluster_logs]
     # A nanny sets its workers' variables in this process to spawn them (see _environment_restored).
     with _environment_restored():
         with dask.config.set(settings):
@@ -190,12 +191,16 @@ def cluster_client(config: SegmentConfig) -> Iterator[Any]:
                     yield client
                 except KeyboardInterrupt:
                     # Torn down under a Ctrl-C, the scheduler can log errors about the futures dropped
-                    # on the way ("Couldn't gather keys"): noise to a user, who gets one line.
-                    cluster_log.setLevel(logging.CRITICAL)
+                    # on the way ("Couldn't gather keys"), and the client's wait, interrupted before it
+                    # had its future, a NameError from its cancel callback: noise to a user, who gets
+                    # one line.
+                    for logger in cluster_logs:
+                        logger.setLevel(logging.CRITICAL)
                     raise
         finally:
             cluster.close()
-            cluster_log.setLevel(level)
+            for logger, level in zip(cluster_logs, levels, strict=True):
+                logger.setLevel(level)
 
 
 @contextlib.contextmanager

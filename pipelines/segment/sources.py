@@ -52,7 +52,9 @@ def expand_inputs(inputs: Sequence[str], *, backend: str, slide_mpp: float | Non
     sources: list[SourceSpec] = []
     for raw in inputs:
         path = Path(raw)
-        if path.is_dir() and is_tile_store(path):
+        # A zarr store named directly is taken for a tile store, so that a damaged one fails on its turn
+        # with its reason; in a folder, only wsiuda's tile stores count.
+        if path.is_dir() and (is_tile_store(path) or (path / "zarr.json").is_file()):
             sources.append(SourceSpec(str(path), "tiles", backend, slide_mpp))
         elif path.is_dir():
             members = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)

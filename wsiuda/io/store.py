@@ -166,7 +166,10 @@ class TileStore:
         if not path.exists():
             raise OutputError(f"{path}: no such tile store")
         if not is_tile_store(path):
-            raise OutputError(f"{path} is not a wsiuda tile store (made by `wsiuda tile`)")
+            raise OutputError(
+                f"{path} is not a wsiuda tile store (damaged, or not made by `wsiuda tile`); "
+                "tile its slide again with `wsiuda tile --overwrite`"
+            )
         return cls(path, zarr.open_group(path, mode="r+" if writable else "r", zarr_format=3))
 
     # --------------------------------------------------------------------------------------- metadata

@@ -79,8 +79,9 @@ class AdaptConfig:
     batch_size: int = 8
     patch_size: int = 256
     mpp: float = 0.25
-    image_mpp: float = 0.25
-    """µm/px of the images in source, target and target-val image folders (slides carry their own)."""
+    image_mpp: float | None = None
+    """µm/px of the images in source, target and target-val image folders (slides carry their own); None: each
+    folder's mpp.txt, else 0.25 (as `wsiuda evaluate` reads a folder)."""
     slide_mpp: float | None = None
     """Level-0 µm/px of the target slides, for slides whose metadata lack it (as `wsiuda segment`'s)."""
     held_out: tuple[str, ...] = ("test",)
@@ -163,7 +164,7 @@ class AdaptConfig:
             raise ConfigError(
                 f"patch size {self.patch_size} must be a multiple of 2**depth = {2**self.depth}"
             )
-        if self.mpp <= 0 or self.image_mpp <= 0:
+        if self.mpp <= 0 or (self.image_mpp is not None and self.image_mpp <= 0):
             raise ConfigError(f"mpp must be positive, got {self.mpp} and image mpp {self.image_mpp}")
         if self.slide_mpp is not None and not self.slide_mpp > 0:
             raise ConfigError(f"slide-mpp must be positive, got {self.slide_mpp}")

@@ -30,6 +30,7 @@ from wsiuda.data import (
     LabelledSet,
     TargetPool,
     channel_stats,
+    images_mpp,
     open_target,
     read_labelled_folder,
     split_by_group,
@@ -81,7 +82,9 @@ class RunData:
         self.val: list[LabelledImage] = []
         self.val_groups: dict[str, list[str]] = {}
         for folder in c.source:
-            dataset = read_labelled_folder(folder, image_mpp=c.image_mpp, mpp=c.mpp, held_out=c.held_out)
+            dataset = read_labelled_folder(
+                folder, image_mpp=images_mpp(folder, c.image_mpp), mpp=c.mpp, held_out=c.held_out
+            )
             # Seeded by the dataset's name, so its split does not depend on the other sources or their order.
             split_rng = np.random.default_rng([c.seed, zlib.crc32(dataset.name.encode())])
             train, val = split_by_group(dataset, val_fraction=c.val_fraction, rng=split_rng)
@@ -98,7 +101,7 @@ class RunData:
             for path in c.target:
                 pool = open_target(
                     path,
-                    image_mpp=c.image_mpp,
+                    image_mpp=images_mpp(path, c.image_mpp),
                     mpp=c.mpp,
                     size=c.patch_size,
                     held_out=c.held_out,
@@ -110,7 +113,9 @@ class RunData:
                 )
         self.target_val: list[LabelledImage] = []
         if c.target_val is not None:
-            held = read_labelled_folder(c.target_val, image_mpp=c.image_mpp, mpp=c.mpp, held_out=())
+            held = read_labelled_folder(
+                c.target_val, image_mpp=images_mpp(c.target_val, c.image_mpp), mpp=c.mpp, held_out=()
+            )
             self.target_val = list(held.images)
 
     def training_data(self) -> tuple[dict[str, str], ...]:
