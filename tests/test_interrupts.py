@@ -60,45 +60,33 @@ def _interrupt_after_first_tile(
 
 
 @pytest.mark.parametrize(
-    "workers",
+    ("how", "workers"),
     [
-        pytest.param(1, id="in-process with CRF helpers"),
-        pytest.param(2, id="worker processes", marks=pytest.mark.slow),
+        pytest.param(signal.SIGINT, 1, id="Ctrl-C, in-process with CRF helpers"),
+        pytest.param(signal.SIGINT, 2, id="Ctrl-C, worker processes", marks=pytest.mark.slow),
+        pytest.param(signal.SIGTERM, 1, id="SIGTERM, in-process with CRF helpers"),
     ],
 )
-def test_ctrl_c_during_segment_is_one_line_and_a_rerun_finishes(
-    tmp_path: Path, slide: Path, model: Path, workers: int
+def test_a_stop_during_segment_is_one_line_and_a_rerun_finishes(
+    tmp_path: Path, slide: Path, model: Path, how: signal.Signals, workers: int
 ) -> None:
     out = tmp_path / "n.geojson"
     command = [str(SCRIPT), "segment", str(slide), "-o", str(out), "-m", str(model), "--tile", "512"]
     command += ["--workers", str(workers)]
-    interrupted = _interrupt_after_first_tile(command, tmp_path / "n.mask.zarr")
-    if interrupted.returncode == 0:
-        pytest.skip("the run finished before the interrupt reached it")
-    assert interrupted.returncode == INTERRUPTED_EXIT_CODE, interrupted.stdout
-    assert interrupted.stdout.strip().splitlines() == [
-        "Interrupted; finished tiles are kept: run the same command again to go on."
-    ]
-    assert not out.exists()
-
-    rerun = subprocess.run(command, capture_output=True, text=True)
-    assert rerun.returncode == 0, rerun.stderr
-    assert "resuming" in rerun.stderr and out.exists()
-
-
-def test_sigterm_during_segment_is_one_line_and_a_rerun_finishes(
-    tmp_path: Path, slide: Path, model: Path
-) -> None:
-    out = tmp_path / "n.geojson"
-    command = [str(SCRIPT), "segment", str(slide), "-o", str(out), "-m", str(model), "--tile", "512"]
-    terminated = _interrupt_after_first_tile(command, tmp_path / "n.mask.zarr", signal.SIGTERM)
-    if terminated.returncode == 0:
+    stopped = _interrupt_after_first_tile(command, tmp_path / "n.mask.zarr", how)
+    if stopped.returncode == 0:
         pytest.skip("the run finished before the signal reached it")
-    assert terminated.returncode == TERMINATED_EXIT_CODE, terminated.stdout
-    assert terminated.stdout.strip().splitlines() == [
-        "Terminated; finished tiles are kept: run the same command again to go on."
+    word, code = (
+        ("Terminated", TERMINATED_EXIT_CODE)
+        if how == signal.SIGTERM
+        else ("Interrupted", INTERRUPTED_EXIT_CODE)
+    )
+    assert stopped.returncode == code, stopped.stdout
+    assert stopped.stdout.strip().splitlines() == [
+        f"{word}; finished tiles are kept: run the same command again to go on."
     ]
     assert not out.exists()
+
     rerun = subprocess.run(command, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming" in rerun.stderr and out.exists()

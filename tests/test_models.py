@@ -209,22 +209,6 @@ def test_model_file_round_trip(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*.tmp")), "atomic write left a temporary file"
 
 
-@needs_full_disk
-def test_a_full_disk_while_saving_is_an_output_error_and_keeps_the_old_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import wsiuda.models.files as files
-    from wsiuda.errors import OutputError
-
-    path = tmp_path / "model.pt"
-    path.write_bytes(b"the previous model")
-    monkeypatch.setattr(files, "open", open_on_full_disk, raising=False)
-    with pytest.raises(OutputError, match=f"cannot write {path}: No space left on device"):
-        save_model(path, build_unet(width=4, depth=2), tiny_meta())
-    assert path.read_bytes() == b"the previous model"
-    assert list(tmp_path.iterdir()) == [path]
-
-
 class DiskFillsUpAfter4KiB:
     """A stand-in for ``open`` whose file takes 4 KiB and then fails with ENOSPC, as a small disk does."""
 
@@ -251,15 +235,22 @@ class DiskFillsUpAfter4KiB:
         self.file.close()
 
 
-def test_a_disk_that_fills_up_while_saving_is_an_output_error_and_keeps_the_old_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "disk",
+    [
+        pytest.param(open_on_full_disk, id="full from the start", marks=needs_full_disk),
+        pytest.param(DiskFillsUpAfter4KiB, id="fills up part-way"),
+    ],
+)
+def test_a_full_disk_while_saving_is_an_output_error_and_keeps_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, disk: object
 ) -> None:
     import wsiuda.models.files as files
     from wsiuda.errors import OutputError
 
     path = tmp_path / "model.pt"
     path.write_bytes(b"the previous model")
-    monkeypatch.setattr(files, "open", DiskFillsUpAfter4KiB, raising=False)
+    monkeypatch.setattr(files, "open", disk, raising=False)
     with pytest.raises(OutputError, match=f"cannot write {path}: No space left on device"):
         save_model(path, build_unet(width=8, depth=2), tiny_meta())
     assert path.read_bytes() == b"the previous model"
