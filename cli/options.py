@@ -103,3 +103,10 @@ def min_tissue_option(default: float = 0.1) -> Callable[[F], F]:
         show_default=True,
         help="Skip tiles whose tissue fraction is below this (0 keeps every tile).",
     )
+
+
+def failed_count(failed: int, total: int) -> str:
+    """The last line of a batch with failed slides, each already reported on a line of its own."""
+    if failed == total:
+        return f"all {total} slides failed (listed above)"
+    return f"{failed} of {total} slides failed (listed above); the others are done"

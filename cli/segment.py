@@ -11,6 +11,7 @@ import click
 from wsiuda.cli.options import (
     backend_option,
     device_option,
+    failed_count,
     min_tissue_option,
     overwrite_option,
     precision_option,
@@ -22,7 +23,8 @@ log = logging.getLogger("wsiuda.cli.segment")
 
 
 @click.command(name="segment")
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
+# readable=False: an unreadable slide fails on its turn, with its fix, and the rest of the batch goes on.
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(readable=False, path_type=str))
 @click.option(
     "-o",
     "--output",
@@ -145,8 +147,7 @@ def command(
     if report.failures:
         if len(report.results) > 1:
             click.echo(
-                f"Error: {len(report.failures)} of {len(report.results)} slides failed (listed above); "
-                "the others are done",
+                f"Error: {failed_count(len(report.failures), len(report.results))}",
                 err=True,
             )
         sys.exit(1)

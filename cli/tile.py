@@ -10,6 +10,7 @@ import click
 
 from wsiuda.cli.options import (
     backend_option,
+    failed_count,
     halo_option,
     min_tissue_option,
     mpp_option,
@@ -21,7 +22,14 @@ from wsiuda.cli.options import (
 
 
 @click.command(name="tile")
-@click.argument("inputs", nargs=-1, required=True, metavar="SLIDE_OR_DIR...", type=click.Path(path_type=Path))
+# readable=False: an unreadable slide fails on its turn, with its fix, and the rest of the batch goes on.
+@click.argument(
+    "inputs",
+    nargs=-1,
+    required=True,
+    metavar="SLIDE_OR_DIR...",
+    type=click.Path(readable=False, path_type=Path),
+)
 @click.option(
     "-o",
     "--out",
@@ -89,14 +97,16 @@ def command(
     progress = not quiet and sys.stderr.isatty()
     logging.getLogger(__name__).debug("tiling %d input(s) into %s", len(inputs), out_dir)
     results = run_tile(list(inputs), out_dir, config, overwrite=overwrite, progress=progress)
-    for result in results:  # failures on stderr, as errors go, so they show where stdout is redirected
-        click.echo(summary_line(result), err=result.failed)
     failed = [r for r in results if r.failed]
+    # Failures first, on stderr as errors go: they show where stdout is redirected, and a reader of stdout
+    # that stops early (`| head`) cannot keep them from being said.
+    for result in failed + [r for r in results if not r.failed]:
+        click.echo(summary_line(result), err=result.failed)
     # As `wsiuda segment`: a batch ends with the count; failed slides exit 1, a bad command line 2.
     if failed:
         if len(results) > 1:
             click.echo(
-                f"Error: {len(failed)} of {len(results)} slides failed (listed above); the others are done",
+                f"Error: {failed_count(len(failed), len(results))}",
                 err=True,
             )
         sys.exit(1)

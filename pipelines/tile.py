@@ -518,6 +518,8 @@ def summary_line(result: SlideResult) -> str:
     return (
         f"ok      {name}: {result.tiles} tiles"
         + (f" ({resumed} from an earlier run)" if resumed else "")
-        + f", level {details.get('level_read')} x{details.get('scale', 1):.3g}, {result.seconds:.1f} s, "
-        f"store {details.get('store_bytes', 0) / 1e6:.1f} MB ({ratio:.2f}x the slide) -> {result.store}"
+        # The workers' seconds summed, not the wall time: with several workers a slide's tiles overlap.
+        + f", level {details.get('level_read')} x{details.get('scale', 1):.3g}, "
+        f"{result.seconds:.1f} s of work, store {details.get('store_bytes', 0) / 1e6:.1f} MB "
+        f"({ratio:.2f}x the slide) -> {result.store}"
     )

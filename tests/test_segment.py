@@ -40,6 +40,13 @@ class DarkPredictor:
         return np.clip((150.0 - grey) / 40.0 + 0.5, 0.0, 1.0).astype(np.float32)
 
 
+class FailingPredictor:
+    """A stand-in network that must not be called: where every tile is already done."""
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        raise AssertionError("a tile was run again")
+
+
 DARK_NETWORK = NetworkInfo(mpp=0.25, receptive_field_px=1, align=1, identity="dark")
 
 
@@ -466,12 +473,42 @@ def test_a_tile_store_segments_like_its_slide(tmp_path: Path) -> None:
     assert sum(x == y for x, y in zip(a, b, strict=True)) >= 0.95 * len(a)
 
 
-def test_a_damaged_tile_store_fails_with_its_fix_and_the_batch_goes_on(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def tile_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished store of `wsiuda tile` (JPEG tiles), to copy and damage."""
+    from click.testing import CliRunner
+    from synthetic import synthetic_he
+
+    from wsiuda.cli.main import cli
+
+    root = tmp_path_factory.mktemp("store")
+    slide = write_slide(root / "s.svs", synthetic_he((256, 256), seed=3, tissue=0.6), mpp=0.25, app_mag=40)
+    args = ["tile", str(slide), "-o", str(root / "tiles"), "--tile", "128", "--workers", "1"]
+    tiled = CliRunner().invoke(cli, args)
+    assert tiled.exit_code == 0, tiled.output
+    return root / "tiles" / "s.zarr"
+
+
+@pytest.mark.parametrize(
+    ("damaged_file", "content", "said"),
+    [
+        ("zarr.json", "{ not json", "not a wsiuda tile store"),
+        ("zarr.json", "[1, 2]", "not a wsiuda tile store"),
+        ("tiles/zarr.json", "{", "the store's metadata is damaged"),
+        ("tissue/zarr.json", "{", "its tissue mask is damaged"),
+        ("tiles/c.0.0.0.0", "junk", "tile 0 is damaged"),
+    ],
+)
+def test_a_damaged_tile_store_fails_with_its_fix_and_the_batch_goes_on(
+    tmp_path: Path, tile_store: Path, damaged_file: str, content: str, said: str
+) -> None:
+    import shutil
+
     from synthetic import synthetic_he
 
     damaged = tmp_path / "damaged.zarr"
-    damaged.mkdir()
-    (damaged / "zarr.json").write_text("{ not json")
+    shutil.copytree(tile_store, damaged)
+    (damaged / damaged_file).write_text(content)
     slide = write_slide(
         tmp_path / "s.svs", synthetic_he((256, 256), seed=3, tissue=0.6), mpp=0.25, app_mag=40
     )
@@ -481,8 +518,8 @@ def test_a_damaged_tile_store_fails_with_its_fix_and_the_batch_goes_on(tmp_path:
         network=DARK_NETWORK,
     )
     failed, done = report.results
-    assert failed.error is not None and "not a wsiuda tile store" in failed.error
-    assert "wsiuda tile --overwrite" in failed.error
+    assert failed.error is not None and said in failed.error, failed.error
+    assert "\n" not in failed.error and "wsiuda tile --overwrite" in failed.error
     assert done.error is None and (tmp_path / "out" / "s.geojson").is_file()
 
 
@@ -540,6 +577,12 @@ def test_a_run_killed_midway_resumes_to_the_same_geojson(tmp_path: Path) -> None
     # Finished: a rerun skips it; --overwrite redoes it (with a different setting now allowed).
     again = segment(sync_config([slide], killed), predictor=DarkPredictor(), network=DARK_NETWORK)
     assert again.results[0].skipped
+    # A GeoJSON cut short since is written again from the store, without running a tile.
+    complete = killed.read_bytes()
+    killed.write_bytes(complete[:1000])
+    repaired = segment(sync_config([slide], killed), predictor=FailingPredictor(), network=DARK_NETWORK)
+    assert not repaired.results[0].skipped and repaired.results[0].error is None
+    assert killed.read_bytes() == complete
     redo = segment(
         sync_config([slide], killed, threshold=0.6, overwrite=True),
         predictor=DarkPredictor(),

@@ -139,8 +139,36 @@ def test_batch_reports_bad_slides_on_one_line_each_and_finishes_the_rest(
     for name in ("truncated.svs", "text.svs", "missing.svs"):
         assert sum(name in line for line in failed) == 1
     assert "3 of 4 slides failed" in result.output
+    only_bad = tile(folder / "truncated.svs", missing, "-o", tmp_path / "out", *FAST)
+    assert only_bad.exit_code == 1
+    assert only_bad.output.splitlines()[-1] == "Error: all 2 slides failed (listed above)"
     assert TileStore.open(tmp_path / "out" / "good.zarr").is_complete
     assert not (tmp_path / "out" / "truncated.zarr").exists()
+
+
+def test_an_unreadable_slide_fails_on_its_turn_and_the_batch_goes_on(
+    synthetic_slide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slide this user may not read (chmod 000; root reads it anyway, so the refusal is simulated)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(synthetic_slide, folder / "a-good.svs")
+    locked = folder / "locked.svs"
+    shutil.copy(synthetic_slide, locked)
+    real_open = Path.open
+
+    def refusing_open(self: Path, *args: object, **kwargs: object) -> object:
+        if self.name == locked.name:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "open", refusing_open)
+    for inputs in ([folder], [folder / "a-good.svs", locked]):  # a folder, and the files named directly
+        result = tile(*inputs, "-o", tmp_path / "out", *FAST, "--overwrite")
+        assert result.exit_code == 1, result.output
+        (failed,) = [line for line in result.output.splitlines() if line.startswith("FAILED")]
+        assert f"{locked}: permission denied; give read access" in failed
+        assert TileStore.open(tmp_path / "out" / "a-good.zarr").is_complete
 
 
 def test_a_full_disk_fails_the_slide_with_its_fix_and_a_rerun_resumes(

@@ -85,7 +85,8 @@ def finalize_slide(slide: PreparedSlide, config: SegmentConfig) -> SlideResult:
         "outputs": {name: str(path) for name, path in asdict(slide.outputs).items()},
     }
     atomic_write_text(slide.outputs.summary, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    store.mark_complete(nuclei=count)
+    # The GeoJSON's size, so that a rerun tells the file it wrote from one cut short or changed since.
+    store.mark_complete(nuclei=count, geojson_bytes=slide.outputs.geojson.stat().st_size)
     log.debug("%s: %d nuclei → %s", slide.source.path, count, slide.outputs.geojson)
     return SlideResult(
         slide.source.path, geojson=str(slide.outputs.geojson), nuclei=count, tiles=slide.planned

@@ -263,7 +263,11 @@ def _open_store(
                 f"{path} holds a run with other settings, model or slide; pass --overwrite to redo it"
             )
         if store.complete and outputs.geojson.exists():
-            return None
+            written = store.metadata.get("geojson_bytes")
+            if written is None or outputs.geojson.stat().st_size == written:
+                return None
+            # Cut short or changed since: written again from the store's features, no tile is rerun.
+            log.warning("%s is not the GeoJSON this slide's run wrote; writing it again", outputs.geojson)
         return store
     if outputs.geojson.exists() and not config.overwrite:
         raise OutputError(f"{outputs.geojson} already exists; pass --overwrite to replace it")

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from wsiuda.errors import SlideError
-from wsiuda.io.slide import SlideReader, is_plain_image
+from wsiuda.io.slide import SlideReader, is_plain_image, unreadable
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,11 @@ def open_slide(path: str | Path, *, backend: str = "auto", slide_mpp: float | No
         raise SlideError(f"{path}: is a folder, not a slide; pass the slide files inside it")
     if path.stat().st_size == 0:
         raise SlideError(f"{path}: empty file (0 bytes); copy the slide again")
+    try:
+        with path.open("rb"):
+            pass
+    except PermissionError:
+        raise SlideError(unreadable(path)) from None
 
     reader: SlideReader
     if is_plain_image(path) or (_is_tiff(path) and not _check_tiff(path)):

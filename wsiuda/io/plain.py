@@ -8,7 +8,7 @@ import numpy as np
 
 from wsiuda.errors import SlideError
 from wsiuda.geometry import Region
-from wsiuda.io.slide import PLAUSIBLE_MPP, SlideInfo, SlideReader
+from wsiuda.io.slide import PLAUSIBLE_MPP, SlideInfo, SlideReader, unreadable
 
 # A plain image is decoded whole (16384^2 RGB is 0.8 GB); larger ones belong in a tiled pyramid.
 MAX_PLAIN_PIXELS = 16_384 * 16_384
@@ -90,6 +90,8 @@ class PlainImageReader(SlideReader):
             mpp = _tiff_mpp(self.path) if self.path.suffix.lower() in {".tif", ".tiff"} else None
         except SlideError:
             raise
+        except PermissionError:
+            raise SlideError(unreadable(self.path)) from None
         except Exception as error:  # PIL and tifffile raise many types for broken files
             raise SlideError(
                 f"{self.path}: cannot decode this image ({error}); it may be truncated or not an image"

@@ -106,3 +106,8 @@ class SlideReader(ABC):
 def is_plain_image(path: Path) -> bool:
     """PNG/JPEG/BMP are always read as plain images; TIFFs only when they are not pyramidal slides."""
     return Path(path).suffix.lower() in PLAIN_IMAGE_SUFFIXES
+
+
+def unreadable(path: Path) -> str:
+    """The error for a file this process may not read, with the fix."""
+    return f"{path}: permission denied; give read access to it (chmod +r) or copy it somewhere readable"

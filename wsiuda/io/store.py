@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import numpy as np
 
 from wsiuda._version import __version__
 from wsiuda.config import RESUME_FIX, prepare_output_folder, writing
-from wsiuda.errors import OutputError
+from wsiuda.errors import OutputError, WsiudaError
 from wsiuda.geometry import Region
 from wsiuda.io.chunks import write_chunk_file
 from wsiuda.io.codecs import JpegCodec, register
@@ -50,7 +51,8 @@ def _attrs_of(path: Path) -> dict[str, Any] | None:
         document = json.loads(meta.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    attrs = document.get("attributes", {}).get("wsiuda")
+    attributes = document.get("attributes") if isinstance(document, dict) else None
+    attrs = attributes.get("wsiuda") if isinstance(attributes, dict) else None
     if not isinstance(attrs, dict) or attrs.get("format") != STORE_FORMAT:
         return None
     return attrs
@@ -72,6 +74,21 @@ def _serializer(codec: str, level: int | None) -> dict[str, Any]:
 
 INCOMPLETE = "the tile store is incomplete; finish it with `wsiuda tile` first"
 """Why a store that `wsiuda tile` did not finish is refused, and the fix: it holds part of its slide."""
+RETILE = "tile its slide again with `wsiuda tile --overwrite`"
+"""The fix for a damaged store."""
+
+
+@contextmanager
+def _damage_reported(path: Path, what: str) -> Iterator[None]:
+    """A store's file that zarr or the codec cannot read (a chunk or its metadata overwritten, cut short)
+    as one error naming it, so that a batch reports the store and goes on."""
+    try:
+        yield
+    except WsiudaError:
+        raise
+    except Exception as error:  # zarr, JSON and the codecs raise many types for damaged files
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise OutputError(f"{path}: {what} is damaged ({reason}); {RETILE}") from None
 
 
 class TileStore:
@@ -167,10 +184,10 @@ class TileStore:
             raise OutputError(f"{path}: no such tile store")
         if not is_tile_store(path):
             raise OutputError(
-                f"{path} is not a wsiuda tile store (damaged, or not made by `wsiuda tile`); "
-                "tile its slide again with `wsiuda tile --overwrite`"
+                f"{path} is not a wsiuda tile store (damaged, or not made by `wsiuda tile`); {RETILE}"
             )
-        return cls(path, zarr.open_group(path, mode="r+" if writable else "r", zarr_format=3))
+        with _damage_reported(path, "the store's metadata"):
+            return cls(path, zarr.open_group(path, mode="r+" if writable else "r", zarr_format=3))
 
     # --------------------------------------------------------------------------------------- metadata
     @property
@@ -208,10 +225,11 @@ class TileStore:
 
     def tissue_mask(self) -> tuple[np.ndarray, float] | None:
         """The stored tissue mask (bool) and its pixel size in level-0 px, if one was stored."""
-        if "tissue" not in self._group:
-            return None
-        array = self._group["tissue"]
-        return np.asarray(array[:], dtype=bool), float(array.attrs["pixel_size"])
+        with _damage_reported(self.path, "its tissue mask"):
+            if "tissue" not in self._group:
+                return None
+            array = self._group["tissue"]
+            return np.asarray(array[:], dtype=bool), float(array.attrs["pixel_size"])
 
     # ------------------------------------------------------------------------------------------ tiles
     def done(self) -> np.ndarray:
@@ -248,7 +266,8 @@ class TileStore:
         write_chunk_file(self.path / "tiles" / f"c.{index}.0.0.0", self._jpeg.encode_image(pixels))
 
     def read_tile(self, index: int) -> np.ndarray:
-        return np.asarray(self._tiles[index])
+        with _damage_reported(self.path, f"tile {index}"):
+            return np.asarray(self._tiles[index])
 
     def read_tiles(
         self, indices: Sequence[int] | np.ndarray | None = None
@@ -258,7 +277,8 @@ class TileStore:
         if chosen.size == 0:
             side = self.tile + 2 * self.halo
             return np.zeros((0, side, side, 3), dtype=np.uint8), []
-        pixels = np.asarray(self._tiles.get_orthogonal_selection((chosen,)))
+        with _damage_reported(self.path, "a tile"):
+            pixels = np.asarray(self._tiles.get_orthogonal_selection((chosen,)))
         regions = self.regions
         return pixels, [regions[int(i)] for i in chosen]
 

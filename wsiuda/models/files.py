@@ -64,7 +64,7 @@ def unpickling_reason(error: Exception) -> str:
 
 FIXES = {
     "model file": MODEL_FILE_FIX,
-    "checkpoint": "its run cannot go on; start it again without --resume",
+    "checkpoint": "its run cannot go on from it; start a new run with another -o folder",
 }
 """What a user can do about an unusable file, by its kind."""
 
