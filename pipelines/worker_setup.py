@@ -60,16 +60,17 @@ def end_with(command_pid: int) -> None:
 
     A command that exits, or is interrupted, shuts its pools down itself. One that is killed (SIGKILL, the
     kernel's out-of-memory killer) cannot: its fork server and the pool's processes, forks of that server
-    rather than of the command, went on holding hundreds of MB each until the machine rebooted. Their
-    parent being the fork server, the kernel's parent-death signal does not reach them; so a thread waits
-    for the command's process to end, then ends the fork server and this process. Where the command is
-    already gone by the time the thread starts, the same happens at once.
+    rather than of the command, went on running, hundreds of MB between them, until someone killed them.
+    Their parent being the fork server, the kernel's parent-death signal does not reach them; so a thread
+    waits for the command's process to end, then ends the fork server and this process. Where the command
+    is already gone by the time the thread starts, the same happens at once.
     """
+    parent = os.getppid()  # now, while it is the fork server (or the command): later it may be a reaper
+    server = parent if parent != command_pid and _is_fork_server(parent) else None
 
     def wait_then_end() -> None:
         _wait_for_exit(command_pid)
-        server = os.getppid()
-        if server not in (1, command_pid):  # a fork server's child: the server goes too
+        if server is not None and _is_fork_server(server):  # still it, not a process that took its number
             with contextlib.suppress(OSError):
                 os.kill(server, signal.SIGKILL)
         os._exit(1)
@@ -90,6 +91,15 @@ def _wait_for_exit(pid: int) -> None:
         select.select([handle], [], [])
     finally:
         os.close(handle)
+
+
+def _is_fork_server(pid: int) -> bool:
+    """Whether process ``pid`` is a multiprocessing fork server (by its command line, where /proc has it)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return b"multiprocessing.forkserver" in cmdline.read()
+    except OSError:
+        return False
 
 
 def _alive(pid: int) -> bool:
